@@ -1,0 +1,176 @@
+"""One typed configuration for every notebook, validated before anything slow starts."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers.prompts import PROMPT_TEMPLATES
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Projection names of Llama-like models, the fused ones some architectures use, and the embeddings.
+LORA_TARGETS = (*SEVEN_PROJECTIONS, "qkv_proj", "gate_up_proj", "embed_tokens", "lm_head")
+# A curated subset of transformers' OptimizerNames and SchedulerType (a test keeps them in step).
+OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused",
+              "adafactor", "sgd", "lion_8bit")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+DEFAULT_PROMPTS = [
+    "What's your favorite way to spend a rainy Sunday?",
+    "Any tips for staying motivated when working from home?",
+    "Do you think it's weird to eat cereal for dinner?",
+]
+
+
+@dataclass
+class RunConfig:
+    """Every parameter a notebook accepts; defaults are the tutorial's recipe on a Colab T4."""
+
+    # model
+    model_name: str = "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit"
+    max_seq_length: int = 2048
+    load_in_4bit: bool = True
+    precision: str = "auto"
+    # data
+    dataset: str = "HumanLLMs/Human-Like-DPO-Dataset"
+    dataset_split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "chosen"
+    prompt_template: str = "alpaca"
+    # LoRA
+    lora_r: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
+    # training
+    learning_rate: float = 2e-4
+    max_steps: int | None = 120
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = "linear"
+    optim: str = "adamw_8bit"
+    seed: int = 3407
+    logging_steps: int = 1
+    packing: bool = False
+    run_dir: str = "outputs/lora-run"
+    # inference
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    # Colab: where to clone this kit from when a notebook is opened on its own
+    kit_repo: str = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _field_types()[f.name]))
+        for name in ("max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "max_new_tokens"):
+            _require(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
+        if self.max_steps is not None:
+            _require("max_steps", self.max_steps, self.max_steps > 0, "a positive integer, or None to train by epochs")
+        _require("num_train_epochs", self.num_train_epochs, self.num_train_epochs > 0, "a positive number")
+        _require("learning_rate", self.learning_rate, 0 < self.learning_rate < 1, "a number between 0 and 1")
+        _require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "zero or a positive integer")
+        _require("weight_decay", self.weight_decay, self.weight_decay >= 0, "zero or a positive number")
+        _require("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "a number in [0, 1)")
+        _require("temperature", self.temperature, self.temperature >= 0, "zero (greedy) or a positive number")
+        for name in ("model_name", "dataset", "dataset_split", "prompt_field", "response_field", "run_dir"):
+            _require(name, getattr(self, name), bool(getattr(self, name).strip()), "a non-empty string")
+        _choose("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
+        _choose("optim", self.optim, OPTIMIZERS)
+        _choose("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _choose("precision", self.precision, PRECISIONS)
+        _require("target_modules", self.target_modules, bool(self.target_modules), "a non-empty list")
+        for module in self.target_modules:
+            _choose("target_modules", module, LORA_TARGETS)
+        _require("prompts", self.prompts, all(p.strip() for p in self.prompts), "a list of non-empty strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values of every parameter."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build and validate a config; unknown names are errors that list the accepted ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in values if name not in known]
+        if unknown:
+            hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, 1))
+                     else repr(name) for name in unknown]
+            raise ValueError(f"unknown parameter(s): {', '.join(hints)}; accepted parameters: {', '.join(known)}")
+        return cls(**values)
+
+
+# Names IPython and Jupyter put into a kernel's namespace, which are not parameters.
+_KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The parameters in a notebook's globals: its parameters cell plus what papermill injected."""
+    return {
+        name: value for name, value in namespace.items()
+        if not name.startswith("_") and name not in _KERNEL_NAMES
+        and not isinstance(value, (types.ModuleType, types.FunctionType, type))
+    }
+
+
+def notebook_config(namespace: dict[str, Any]) -> RunConfig:
+    """The validated config of a notebook that starts a run (setup, training)."""
+    return RunConfig.from_dict(notebook_parameters(namespace))
+
+
+def run_config(namespace: dict[str, Any]) -> RunConfig:
+    """The config of a notebook that works on a finished run: what the run recorded, then this notebook's values."""
+    params = notebook_parameters(namespace)
+    RunConfig.from_dict(params)  # unknown names and bad values fail here, before run_dir is read
+    path = Path(params.get("run_dir", RunConfig.run_dir)) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run_dir {str(path.parent)!r} holds no training run "
+                                "(run 01_train_lora first, with the same run_dir)")
+    return RunConfig.from_dict({**json.loads(path.read_text())["parameters"], **params})
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _check_type(name: str, value: Any, expected: Any) -> Any:
+    """Return value (an int widened to float where a float is expected) or raise naming the expected type."""
+    args = typing.get_args(expected)
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (expected,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, list) and all(isinstance(v, item) for v in value):
+            return value
+        raise ValueError(f"{name} must be a list of {item.__name__}, got {value!r}")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _require(name: str, value: Any, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} = {value!r} is invalid; it must be {accepted}")
+
+
+def _choose(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} {value!r} is unknown; choose one of: {', '.join(accepted)}")

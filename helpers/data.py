@@ -1,0 +1,111 @@
+"""Loading training rows from a local file or the Hub, checking them, and rendering them as training text."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from helpers.prompts import format_training_text
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_dpo.jsonl"
+LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def is_local_dataset(dataset: str) -> bool:
+    """True when `dataset` names a file (by its extension or because it exists) rather than a Hub id."""
+    return Path(dataset).suffix.lower() in LOCAL_FORMATS or Path(dataset).exists()
+
+
+def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl, .json, .csv or .parquet file, as dicts."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise ValueError(f"dataset file {str(path)!r} has format {suffix or '(none)'!r}; "
+                         f"accepted formats: {', '.join(LOCAL_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        _require_objects(rows, path)
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data.get("data", data) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a list of objects (or {{\"data\": [...]}}), got {type(rows).__name__}")
+        _require_objects(rows, path)
+        return rows
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _require_objects(rows: list, path: Path) -> None:
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is a {type(row).__name__}, not an object with named fields")
+
+
+def load_rows(dataset: str, split: str = "train") -> list[dict[str, Any]]:
+    """All rows of a local file or of a Hub dataset's split."""
+    if is_local_dataset(dataset):
+        return read_local_rows(dataset)
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset, split=split).to_list()
+    except Exception as error:  # the Hub raises many kinds; all mean the same to the user
+        raise RuntimeError(
+            f"could not load dataset {dataset!r} (split {split!r}) from the Hugging Face Hub: {error}. "
+            f"Offline? Use a local file (dataset=path/to/data.jsonl) or the cpu_tiny profile."
+        ) from error
+
+
+def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], source: str) -> None:
+    """Raise a ValueError naming the problem when rows are empty, lack a field, or hold empty/non-text values."""
+    if not rows:
+        raise ValueError(f"dataset {source!r} is empty: no rows to train on")
+    found = list(rows[0].keys())
+    for parameter, column in fields.items():
+        if column not in rows[0]:
+            raise ValueError(f"{parameter} {column!r} is not a column of {source!r}; columns found: {', '.join(found)}")
+    for number, row in enumerate(rows, start=1):
+        for parameter, column in fields.items():
+            value = row.get(column)
+            if not isinstance(value, str):
+                raise ValueError(f"{source!r} row {number}: column {column!r} holds {type(value).__name__} "
+                                 f"{value!r}, not text")
+            if not value.strip():
+                raise ValueError(f"{source!r} row {number}: column {column!r} is empty")
+
+
+def load_checked_rows(config) -> list[dict[str, Any]]:
+    """The configured dataset's rows, checked for the fields the config uses (before any model loads)."""
+    rows = load_rows(config.dataset, config.dataset_split)
+    check_rows(rows, {"prompt_field": config.prompt_field, "response_field": config.response_field}, config.dataset)
+    log.info("loaded %d rows from %s", len(rows), config.dataset)
+    return rows
+
+
+def to_training_set(rows: list[dict[str, Any]], config, eos_token: str):
+    """The rows as a datasets.Dataset with one `text` column in the configured template, each ending in EOS."""
+    from datasets import Dataset
+
+    texts = [format_training_text(config.prompt_template, row[config.prompt_field], row[config.response_field],
+                                  eos_token) for row in rows]
+    return Dataset.from_dict({"text": texts})

@@ -1,0 +1,146 @@
+"""What machine this is: GPU, precision, package versions, Colab or not."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "accelerate",
+            "bitsandbytes", "papermill")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (the check unsloth's notebooks use)."""
+    return "COLAB_" in "".join(os.environ)
+
+
+def is_interactive() -> bool:
+    """True in a notebook a person is watching (Colab, Jupyter, VS Code), False headless (papermill, scripts)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell" and not in_colab():
+        return False
+    # Kernels started by a notebook front end carry these; papermill's do not.
+    return in_colab() or any(k in os.environ for k in ("JPY_SESSION_NAME", "VSCODE_PID"))
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a run depends on (None when missing)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """The project's git commit, with '-dirty' when the work tree has changes; None outside a checkout."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_report() -> dict:
+    """The accelerator this process would train on: name, memory, bf16 support, compute capability."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "name": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": "cuda",
+        "name": props.name,
+        "total_memory_gib": round(props.total_memory / 2**30, 2),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+        "cuda": torch.version.cuda,
+        "count": torch.cuda.device_count(),
+    }
+
+
+def environment_report() -> dict:
+    """Everything worth knowing about this machine before training: device, versions, Colab, token present."""
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "colab": in_colab(),
+        "hf_token_present": hub_token_present(),
+        **{"accelerator": device_report()},
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }
+
+
+def hub_token_present() -> bool:
+    """Whether a Hugging Face token is available (Colab secret, HF_TOKEN, or token file); never the token."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return bool(os.environ.get("HF_TOKEN"))
+    return get_token() is not None
+
+
+def resolve_precision(precision: str) -> str:
+    """The precision to train in: 'auto' becomes bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return "bf16" if bf16 else "fp16"
+        if precision == "bf16" and not bf16:
+            name = torch.cuda.get_device_name(0)
+            raise ValueError(f"precision 'bf16' is not supported by {name}; choose one of: auto, fp16, fp32")
+        return precision
+    if precision == "auto":
+        from unsloth_zoo.cpu import cpu_bf16_supported
+
+        return "bf16" if cpu_bf16_supported() else "fp32"
+    return precision
+
+
+def torch_dtype(precision: str):
+    """The torch dtype for a resolved precision name."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def install_requirements() -> None:
+    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere)."""
+    if not in_colab():
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(PROJECT_ROOT / "requirements.txt"),
+                    "-e", str(PROJECT_ROOT)], check=True)
+
+
+def use_project_root() -> Path:
+    """Work from the project root, so relative paths in parameters mean the same from any notebook folder."""
+    if (PROJECT_ROOT / "notebooks").is_dir() and Path.cwd() != PROJECT_ROOT:
+        os.chdir(PROJECT_ROOT)
+    return Path.cwd()
+
+
+def report_markdown(report: dict) -> str:
+    """The environment report as a two-column Markdown table."""
+    rows = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            rows.append((key, value))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -1,0 +1,54 @@
+"""Loading the base model through unsloth, adding LoRA, and reloading a trained adapter for inference."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from helpers.stack import FastLanguageModel
+from helpers.environment import torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load_base_model(config, precision: str):
+    """The base model and tokenizer, 4-bit when asked, in the resolved precision."""
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=config.model_name,
+        max_seq_length=config.max_seq_length,
+        dtype=torch_dtype(precision),
+        load_in_4bit=config.load_in_4bit,
+    )
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {config.model_name!r} has no EOS token; generation could never stop")
+    return model, tokenizer
+
+
+def add_lora(model, config):
+    """Wrap the model with trainable LoRA adapters on the configured modules."""
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=config.seed,
+        max_seq_length=config.max_seq_length,
+    )
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def load_trained_model(config, precision: str, adapter_dir: str | Path):
+    """The base model with a saved adapter on top, switched to unsloth's inference mode."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base_model(config, precision)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    FastLanguageModel.for_inference(model)
+    return model, tokenizer

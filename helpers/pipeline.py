@@ -1,0 +1,105 @@
+"""Run the notebooks in order through papermill (setup -> train -> inference) and keep the executed copies."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from helpers.config import RunConfig
+from helpers.data import is_local_dataset
+from helpers.environment import PROJECT_ROOT
+from helpers.tiny_model import TINY_MODEL_DIR
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+PROFILES = NOTEBOOKS / "params"
+PIPELINE = ("00_setup", "01_train_lora", "02_inference")
+
+
+
+def profile_names() -> list[str]:
+    """The profiles shipped in notebooks/params."""
+    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """A profile's parameters, checked against the config (unknown names and bad values are errors)."""
+    path = PROFILES / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"profile {name!r} is unknown; choose one of: {', '.join(profile_names())}")
+    params = yaml.safe_load(path.read_text()) or {}
+    RunConfig.from_dict(params)
+    return params
+
+
+def default_profile() -> str:
+    """colab_t4 where a CUDA GPU is present, else the offline cpu_tiny profile."""
+    import torch
+
+    return "colab_t4" if torch.cuda.is_available() else "cpu_tiny"
+
+
+def notebook_parameter_names(notebook: Path) -> set[str]:
+    """The names assigned in a notebook's cell tagged `parameters`."""
+    import ast
+
+    import nbformat
+
+    cells = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{notebook} has {len(cells)} cells tagged 'parameters'; it needs exactly one")
+    tree = ast.parse(cells[0].source)
+    return {node.target.id if isinstance(node, ast.AnnAssign) else node.targets[0].id
+            for node in tree.body if isinstance(node, (ast.AnnAssign, ast.Assign))}
+
+
+def run_notebook(name: str, params: dict[str, Any], out_dir: Path) -> Path:
+    """Execute notebooks/<name>.ipynb with the parameters it declares; save the executed copy in out_dir."""
+    import papermill
+
+    notebook = NOTEBOOKS / f"{name}.ipynb"
+    wanted = notebook_parameter_names(notebook)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / f"{name}.ipynb"
+    papermill.execute_notebook(str(notebook), str(output), parameters={k: v for k, v in params.items() if k in wanted},
+                               cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=True)
+    return output
+
+
+def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
+                 notebooks: tuple[str, ...] = PIPELINE) -> Path:
+    """Run the notebooks on a profile (plus overrides); return the run_dir holding every output."""
+    params = {**load_profile(profile), **(overrides or {})}
+    config = RunConfig.from_dict(params)
+    run_dir = PROJECT_ROOT / config.run_dir
+    local_model = Path(config.model_name) == Path(TINY_MODEL_DIR) or (PROJECT_ROOT / config.model_name).exists()
+    if local_model and is_local_dataset(config.dataset):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
+    for name in notebooks:
+        started = time.perf_counter()
+        run_notebook(name, params, run_dir)
+        print(f"{name}: {time.perf_counter() - started:.0f} s")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", help=f"one of {profile_names()}; default: colab_t4 with a GPU, else cpu_tiny")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "YAML_VALUE"),
+                        help="override one parameter, e.g. -p max_steps 30")
+    args = parser.parse_args(argv)
+    overrides = {name: yaml.safe_load(value) for name, value in args.param}
+    started = time.perf_counter()
+    run_dir = run_pipeline(args.profile or default_profile(), overrides)
+    rel = run_dir.relative_to(PROJECT_ROOT) if run_dir.is_relative_to(PROJECT_ROOT) else run_dir
+    print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Outputs in {rel}/:")
+    for path in sorted(run_dir.iterdir()):
+        print(f"  {path.name}{'/' if path.is_dir() else ''}")
+    print(f"Loss plot: {rel}/loss.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Loss curves, drawn for the notebook and saved beside the run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers.records import read_train_log
+
+
+def plot_loss(run_dir: str | Path, title: str | None = None):
+    """Draw run_dir/train_log.csv as a loss curve, save it as run_dir/loss.png, and return the figure."""
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_train_log(run_dir / "train_log.csv")
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, losses, marker="." if len(rows) < 60 else None, label="training loss")
+    if len(rows) >= 10:
+        window = max(2, len(rows) // 10)
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, linewidth=2, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or f"Training loss: {run_dir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(run_dir / "loss.png")
+    plt.close(fig)
+    return fig
+

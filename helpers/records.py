@@ -1,0 +1,69 @@
+"""What a run leaves behind: run.json, train_log.csv, each written atomically (old or new, never torn)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LOG_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "epoch")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text to path through a temporary file in the same folder, renamed over it at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Atomically write data as indented JSON."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def training_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-step training entries of a Trainer's log history (its final summary entry left out)."""
+    return [{key: entry.get(key) for key in LOG_COLUMNS} for entry in log_history if "loss" in entry]
+
+
+def write_train_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Atomically write the training log as CSV with LOG_COLUMNS."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def read_train_log(path: str | Path) -> list[dict[str, float]]:
+    """The training log as rows of floats (step as int; empty cells as None)."""
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        return [{key: (int(float(v)) if key == "step" else float(v)) if v not in ("", None) else None
+                 for key, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def update_run_record(run_dir: str | Path, **sections: Any) -> dict[str, Any]:
+    """Merge sections into run_dir/run.json (created when missing) and return the whole record."""
+    path = Path(run_dir) / "run.json"
+    record = read_json(path) if path.exists() else {}
+    record.update(sections)
+    write_json(path, record)
+    return record

@@ -1,0 +1,88 @@
+"""The embedded offline model: a tiny Llama built locally from a config, with a tokenizer trained locally."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from helpers.data import SAMPLE_DATASET
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_DIR = "outputs/_models/tiny-llama"  # the offline profile's model_name
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
+VOCAB_SIZE = 1024
+# Small enough to train in seconds on two CPU cores, deep enough to be a real decoder stack.
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    # Wider than transformers' 0.02: with frozen random embeddings and head, the default scale caps the logits
+    # near uniform and LoRA alone cannot move the loss much below ln(vocab) in a short demo.
+    initializer_range=0.1,
+)
+
+
+def _training_texts(dataset_path: Path) -> list[str]:
+    rows = [json.loads(line) for line in dataset_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]
+
+
+def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
+    """A byte-level BPE tokenizer trained on the sample data, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers.prompts import ALPACA_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The template text is in the corpus so that its words get their own tokens, as in a real vocabulary.
+    tok.train_from_iterator(_training_texts(dataset_path) + [ALPACA_TEMPLATE] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=TINY_LLAMA["max_position_embeddings"],
+        padding_side="right",
+    )
+
+
+def build_tiny_model(out_dir: str | Path = TINY_MODEL_DIR, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a random-init tiny Llama and its tokenizer to out_dir (skipped when already there)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists() and not overwrite:
+        log.info("tiny model already at %s", out)
+        return out
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("built tiny model (%d parameters) at %s", model.num_parameters(), out)
+    return out

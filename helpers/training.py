@@ -1,0 +1,138 @@
+"""Supervised fine-tuning with trl's SFTTrainer, and what a run records about itself."""
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import helpers.stack  # noqa: F401  (unsloth before trl)
+from helpers.environment import device_report, environment_report, resolve_precision
+from helpers.records import training_log, update_run_record, write_train_log
+
+log = logging.getLogger(__name__)
+
+
+def sft_config(config, precision: str):
+    """trl's SFTConfig for the run: the recipe's hyperparameters, precision from the hardware."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(Path(config.run_dir) / "checkpoints"),
+        dataset_text_field="text",
+        max_length=config.max_seq_length,
+        packing=config.packing,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.num_train_epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        optim=config.optim,
+        weight_decay=config.weight_decay,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=1,
+    )
+
+
+def build_trainer(model, tokenizer, train_set, config, precision: str):
+    """An SFTTrainer over the formatted rows (a `text` column)."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set,
+                      args=sft_config(config, precision))
+
+
+def start_run_record(config) -> str:
+    """Write run.json's parameters, environment and status 'running'; return the resolved precision."""
+    precision = resolve_precision(config.precision)
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
+                      environment=environment_report(), status="running", metrics={})
+    return precision
+
+
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting afresh (GPU only; CPU peaks are per process)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak GPU memory (allocated, reserved) in GiB on CUDA; peak resident memory of the process in GiB."""
+    import torch
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peaks = {"peak_rss_gib": round(rss_kib / 2**20, 3)}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        peaks["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return peaks
+
+
+def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
+    """Train, save the adapter and tokenizer, write train_log.csv and the run's metrics; return the metrics."""
+    run_dir = Path(config.run_dir)
+    reset_peak_memory()
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    rows = training_log(trainer.state.log_history)
+    write_train_log(run_dir / "train_log.csv", rows)
+    save_adapter(model, tokenizer, run_dir / "adapter")
+    tokens = int(trainer.state.num_input_tokens_seen)
+    losses = [r["loss"] for r in rows]
+    tenth = max(1, len(losses) // 10)
+    metrics = {
+        "train_runtime_s": round(seconds, 2),
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "trained_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "train_loss": round(output.training_loss, 5),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "first_tenth_mean_loss": round(sum(losses[:tenth]) / tenth, 5) if losses else None,
+        "last_tenth_mean_loss": round(sum(losses[-tenth:]) / tenth, 5) if losses else None,
+        "train_rows": len(trainer.train_dataset),
+        **peak_memory(),
+    }
+    update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
+    log.info("training finished: %s", metrics)
+    return metrics
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path) -> Path:
+    """Save the LoRA adapter and tokenizer into adapter_dir through a temporary folder swapped in at the end."""
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = adapter_dir.with_name(adapter_dir.name + ".old")
+    if adapter_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        adapter_dir.rename(old)
+    tmp.rename(adapter_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return adapter_dir
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """One human line about a finished run."""
+    gpu = metrics.get("peak_gpu_reserved_gib")
+    memory = f"peak GPU reserved {gpu} GiB" if gpu is not None else f"peak RSS {metrics['peak_rss_gib']} GiB"
+    return (f"{metrics['steps']} steps in {metrics['train_runtime_s']} s, {metrics['trained_tokens']} tokens "
+            f"({metrics['tokens_per_s']} tokens/s), loss {metrics['first_loss']} -> {metrics['final_loss']}, {memory}")
+
