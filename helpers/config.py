@@ -38,6 +38,7 @@ class RunConfig:
     max_seq_length: int = 2048
     load_in_4bit: bool = True
     precision: str = "auto"
+    max_gpu_memory_gib: float = 0.0
     # data
     dataset: str = "HumanLLMs/Human-Like-DPO-Dataset"
     dataset_split: str = "train"
@@ -83,6 +84,8 @@ class RunConfig:
         _require("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "zero or a positive integer")
         _require("weight_decay", self.weight_decay, self.weight_decay >= 0, "zero or a positive number")
         _require("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "a number in [0, 1)")
+        _require("max_gpu_memory_gib", self.max_gpu_memory_gib, self.max_gpu_memory_gib >= 0,
+                 "0 (no cap) or a positive number of GiB")
         _require("temperature", self.temperature, self.temperature >= 0, "zero (greedy) or a positive number")
         for name in ("model_name", "dataset", "dataset_split", "prompt_field", "response_field", "run_dir"):
             _require(name, getattr(self, name), bool(getattr(self, name).strip()), "a non-empty string")
@@ -120,7 +123,7 @@ def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     return {
         name: value for name, value in namespace.items()
         if not name.startswith("_") and name not in _KERNEL_NAMES
-        and not isinstance(value, (types.ModuleType, types.FunctionType, type))
+        and not isinstance(value, types.ModuleType) and not callable(value)
     }
 
 

@@ -41,14 +41,17 @@ def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
         _require_objects(rows, path)
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON at line {error.lineno} ({error.msg})") from None
         rows = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a list of objects (or {{\"data\": [...]}}), got {type(rows).__name__}")
         _require_objects(rows, path)
         return rows
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a byte-order mark
             return list(csv.DictReader(handle))
     import pyarrow.parquet as pq
 

@@ -12,7 +12,7 @@ import yaml
 from helpers.config import RunConfig
 from helpers.data import is_local_dataset
 from helpers.environment import PROJECT_ROOT
-from helpers.tiny_model import TINY_MODEL_DIR
+from helpers.local_models import TINY_MODEL_DIR
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = NOTEBOOKS / "params"
@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help=f"one of {profile_names()}; default: colab_t4 with a GPU, else cpu_tiny")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "YAML_VALUE"),
                         help="override one parameter, e.g. -p max_steps 30")
+    parser.add_argument("--notebooks", nargs="+", default=list(PIPELINE), choices=PIPELINE, metavar="NAME",
+                        help=f"which notebooks to run, in order (default: {' '.join(PIPELINE)})")
     args = parser.parse_args(argv)
     overrides = {name: yaml.safe_load(value) for name, value in args.param}
     started = time.perf_counter()
-    run_dir = run_pipeline(args.profile or default_profile(), overrides)
+    run_dir = run_pipeline(args.profile or default_profile(), overrides, tuple(args.notebooks))
     rel = run_dir.relative_to(PROJECT_ROOT) if run_dir.is_relative_to(PROJECT_ROOT) else run_dir
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Outputs in {rel}/:")
     for path in sorted(run_dir.iterdir()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from helpers.data import load_checked_rows
-from helpers.tiny_model import TINY_MODEL_DIR, build_tiny_model
+from helpers.local_models import TINY_MODEL_DIR, build_tiny_model
 
 
 def prepare(config) -> dict:

@@ -22,7 +22,8 @@ def format_training_text(template: str, prompt: str, response: str, eos_token: s
     check_template(template)
     if not eos_token:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
-    response = response.removesuffix(eos_token)
+    while response.endswith(eos_token):
+        response = response.removesuffix(eos_token)
     return format_alpaca_prompt(prompt, response, eos_token)
 
 

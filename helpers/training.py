@@ -54,12 +54,22 @@ def build_trainer(model, tokenizer, train_set, config, precision: str):
 
 
 def start_run_record(config) -> str:
-    """Write run.json's parameters, environment and status 'running'; return the resolved precision."""
+    """Cap GPU memory if asked, write run.json's parameters, environment and status; return the precision."""
     precision = resolve_precision(config.precision)
+    cap_gpu_memory(config.max_gpu_memory_gib)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
                       environment=environment_report(), status="running", metrics={})
     return precision
+
+
+def cap_gpu_memory(gib: float) -> None:
+    """Limit this process's share of GPU memory to gib (0: no cap), e.g. 15 to stand in for a Colab T4."""
+    import torch
+
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
 
 
 def reset_peak_memory() -> None:

@@ -1,4 +1,5 @@
-"""The embedded offline model: a tiny Llama built locally from a config, with a tokenizer trained locally."""
+"""Models built locally from a config, random weights, tokenizer trained locally: the offline tiny model, and
+the real 8B architecture for GPU speed and memory checks where the Hub cannot be reached."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = "outputs/_models/tiny-llama"  # the offline profile's model_name
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 VOCAB_SIZE = 1024
 # Small enough to train in seconds on two CPU cores, deep enough to be a real decoder stack.
 TINY_LLAMA = dict(
@@ -62,27 +63,61 @@ def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
     )
 
 
-def build_tiny_model(out_dir: str | Path = TINY_MODEL_DIR, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a random-init tiny Llama and its tokenizer to out_dir (skipped when already there)."""
+# Llama-3.1-8B's architecture (DeepSeek-R1-Distill-Llama-8B's): random weights stand in for the real ones in
+# speed and memory checks; loss values from it mean nothing.
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    vocab_size=128256,
+)
+SHAPES = {"tiny": TINY_LLAMA, "llama-8b": LLAMA_8B}
+
+
+def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a random-init Llama of the given shape and a locally trained tokenizer to out_dir (skipped when there)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if shape not in SHAPES:
+        raise ValueError(f"shape {shape!r} is unknown; choose one of: {', '.join(SHAPES)}")
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists() and not overwrite:
-        log.info("tiny model already at %s", out)
+        log.info("model already at %s", out)
         return out
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_LLAMA,
-    )
+    params = {"vocab_size": len(tokenizer), **SHAPES[shape]}
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **params)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
+    with torch.device("cuda" if shape != "tiny" and torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    log.info("built tiny model (%d parameters) at %s", model.num_parameters(), out)
+    log.info("built %s Llama (%d parameters) at %s", shape, model.num_parameters(), out)
     return out
+
+
+def build_tiny_model(out_dir: str | Path = TINY_MODEL_DIR, overwrite: bool = False) -> Path:
+    """The offline profile's model: the tiny Llama at out_dir."""
+    return build_random_llama(out_dir, "tiny", overwrite=overwrite)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a random-init Llama with a locally trained tokenizer.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    args = parser.parse_args()
+    print(build_random_llama(args.out_dir, args.shape))

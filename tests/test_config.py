@@ -1,0 +1,320 @@
+"""RunConfig: tutorial defaults, validation with helpful messages, notebook namespaces, recorded runs."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from helpers.config import (
+    DEFAULT_PROMPTS,
+    LORA_TARGETS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    SEVEN_PROJECTIONS,
+    RunConfig,
+    notebook_config,
+    notebook_parameters,
+    run_config,
+)
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_are_the_tutorial_recipe():
+    config = RunConfig()
+    assert config.model_name == "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit"
+    assert config.max_seq_length == 2048
+    assert config.load_in_4bit is True
+    assert config.lora_r == 64
+    assert config.lora_alpha == 64
+    assert config.lora_dropout == 0.0
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert config.learning_rate == 2e-4
+    assert config.per_device_train_batch_size == 2
+    assert config.gradient_accumulation_steps == 4
+    assert config.max_steps == 120
+    assert config.optim == "adamw_8bit"
+    assert config.lr_scheduler_type == "linear"
+    assert config.dataset == "HumanLLMs/Human-Like-DPO-Dataset"
+    assert (config.prompt_field, config.response_field) == ("prompt", "chosen")
+    assert config.prompt_template == "alpaca"
+
+
+def test_default_lists_are_not_shared():
+    a, b = RunConfig(), RunConfig()
+    a.target_modules.append("lm_head")
+    a.prompts.append("extra")
+    assert b.target_modules == SEVEN_PROJECTIONS
+    assert b.prompts == DEFAULT_PROMPTS
+    assert SEVEN_PROJECTIONS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- unknown names
+
+
+def test_from_dict_unknown_name_suggests_close_match_and_lists_accepted():
+    with pytest.raises(ValueError, match=r"unknown parameter.*'learnig_rate'.*did you mean 'learning_rate'") as info:
+        RunConfig.from_dict({"learnig_rate": 1e-4})
+    message = str(info.value)
+    assert "accepted parameters:" in message
+    for name in ("model_name", "lora_r", "max_steps", "learning_rate", "run_dir"):
+        assert name in message.split("accepted parameters:")[1]
+
+
+def test_from_dict_unknown_name_without_close_match_is_still_named():
+    with pytest.raises(ValueError, match=r"unknown parameter.*'zzzz'") as info:
+        RunConfig.from_dict({"zzzz": 1})
+    assert "did you mean" not in str(info.value)
+
+
+def test_from_dict_names_every_unknown_name():
+    with pytest.raises(ValueError, match=r"'lora_rr'.*'max_step'"):
+        RunConfig.from_dict({"lora_rr": 8, "max_step": 3})
+
+
+# ---------------------------------------------------------------- bad choices
+
+
+@pytest.mark.parametrize("name, value, accepted", [
+    ("prompt_template", "alpacca", ("alpaca",)),
+    ("optim", "adamw_9bit", OPTIMIZERS),
+    ("lr_scheduler_type", "cosinus", SCHEDULERS),
+    ("precision", "fp8", PRECISIONS),
+])
+def test_unknown_choice_names_value_and_accepted_values(name, value, accepted):
+    with pytest.raises(ValueError, match=rf"{name} '{value}' is unknown") as info:
+        RunConfig.from_dict({name: value})
+    for choice in accepted:
+        assert choice in str(info.value)
+
+
+def test_unknown_target_module_names_value_and_accepted_values():
+    with pytest.raises(ValueError, match=r"target_modules 'q_projection' is unknown") as info:
+        RunConfig(target_modules=["q_proj", "q_projection"])
+    for choice in LORA_TARGETS:
+        assert choice in str(info.value)
+
+
+def test_empty_target_modules_is_an_error():
+    with pytest.raises(ValueError, match=r"target_modules .*non-empty list"):
+        RunConfig(target_modules=[])
+
+
+@pytest.mark.parametrize("modules", [["q_proj"], ["qkv_proj", "gate_up_proj"], list(LORA_TARGETS)])
+def test_known_target_modules_are_accepted(modules):
+    assert RunConfig(target_modules=modules).target_modules == modules
+
+
+# ---------------------------------------------------------------- bad numbers
+
+
+@pytest.mark.parametrize("name, value", [
+    ("max_seq_length", 0),
+    ("lora_r", -1),
+    ("lora_alpha", 0),
+    ("per_device_train_batch_size", 0),
+    ("max_steps", 0),
+    ("max_steps", -5),
+    ("gradient_accumulation_steps", 0),
+    ("logging_steps", 0),
+    ("max_new_tokens", 0),
+])
+def test_non_positive_sizes_and_steps_are_errors(name, value):
+    with pytest.raises(ValueError, match=rf"{name} = {value} is invalid; it must be a positive integer"):
+        RunConfig.from_dict({name: value})
+
+
+@pytest.mark.parametrize("name, value, accepted", [
+    ("learning_rate", 0.0, "between 0 and 1"),
+    ("learning_rate", 1.5, "between 0 and 1"),
+    ("num_train_epochs", 0.0, "positive number"),
+    ("warmup_steps", -1, "zero or a positive integer"),
+    ("weight_decay", -0.1, "zero or a positive number"),
+    ("lora_dropout", 1.0, r"\[0, 1\)"),
+    ("temperature", -0.5, "zero"),
+])
+def test_out_of_range_numbers_are_errors(name, value, accepted):
+    with pytest.raises(ValueError, match=rf"{name} = {re.escape(repr(value))} is invalid.*{accepted}"):
+        RunConfig.from_dict({name: value})
+
+
+@pytest.mark.parametrize("name", ["model_name", "dataset", "prompt_field", "response_field", "run_dir"])
+def test_blank_strings_are_errors(name):
+    with pytest.raises(ValueError, match=rf"{name} = '  ' is invalid; it must be a non-empty string"):
+        RunConfig.from_dict({name: "  "})
+
+
+def test_blank_prompt_is_an_error():
+    with pytest.raises(ValueError, match=r"prompts .*non-empty strings"):
+        RunConfig(prompts=["Hello?", " "])
+
+
+# ---------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("max_steps", "10", "int"),
+    ("load_in_4bit", "yes", "bool"),
+    ("lora_r", True, "int"),
+    ("lora_r", 2.5, "int"),
+    ("learning_rate", "2e-4", "float"),
+    ("learning_rate", True, "float"),
+    ("model_name", 7, "str"),
+])
+def test_wrong_types_are_errors_naming_the_expected_type(name, value, expected):
+    with pytest.raises(ValueError, match=rf"{name} must be {expected}, got {re.escape(repr(value))}"):
+        RunConfig.from_dict({name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("target_modules", "q_proj"),
+    ("target_modules", ["q_proj", 1]),
+    ("prompts", "Hello?"),
+])
+def test_lists_must_be_lists_of_strings(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be a list of str"):
+        RunConfig.from_dict({name: value})
+
+
+def test_tuple_is_accepted_as_a_list():
+    config = RunConfig(target_modules=("q_proj", "v_proj"))
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert isinstance(config.target_modules, list)
+
+
+def test_int_is_widened_for_a_float_field():
+    config = RunConfig.from_dict({"weight_decay": 0, "num_train_epochs": 3})
+    assert config.weight_decay == 0.0 and type(config.weight_decay) is float
+    assert config.num_train_epochs == 3.0 and type(config.num_train_epochs) is float
+
+
+def test_max_steps_none_trains_by_epochs():
+    config = RunConfig.from_dict({"max_steps": None, "num_train_epochs": 2})
+    assert config.max_steps is None
+    assert config.num_train_epochs == 2.0
+
+
+def test_none_is_rejected_where_not_optional():
+    with pytest.raises(ValueError, match=r"lora_r must be int, got None"):
+        RunConfig.from_dict({"lora_r": None})
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_to_dict_round_trips_through_from_dict_and_json():
+    config = RunConfig(lora_r=8, max_steps=None, target_modules=["q_proj", "v_proj"], prompts=["Hi?"],
+                       optim="adamw_torch", lr_scheduler_type="cosine", precision="fp32", weight_decay=0)
+    values = config.to_dict()
+    assert values["lora_r"] == 8 and values["max_steps"] is None
+    assert RunConfig.from_dict(values) == config
+    assert RunConfig.from_dict(json.loads(json.dumps(values))) == config
+    values["target_modules"].append("k_proj")  # to_dict hands back copies
+    assert config.target_modules == ["q_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------- transformers names
+
+
+def test_curated_optimizers_and_schedulers_exist_in_transformers():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    optimizers = {o.value for o in OptimizerNames}
+    schedulers = {s.value for s in SchedulerType}
+    assert [o for o in OPTIMIZERS if o not in optimizers] == []
+    assert [s for s in SCHEDULERS if s not in schedulers] == []
+    assert RunConfig().optim in optimizers and RunConfig().lr_scheduler_type in schedulers
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def _a_function():
+    return 1
+
+
+class _AClass:
+    pass
+
+
+def test_notebook_parameters_keeps_plain_values_only():
+    namespace = {
+        "lora_r": 8,
+        "learning_rate": 1e-4,
+        "max_steps": None,
+        "target_modules": ["q_proj"],
+        "run_dir": "x",
+        "math": math,
+        "helper": _a_function,
+        "square": lambda x: x * x,
+        "RunConfig": RunConfig,
+        "AClass": _AClass,
+        "_": 5,
+        "__name__": "__main__",
+        "_private": 3,
+        "In": ["", "x = 1"],
+        "Out": {1: 2},
+        "get_ipython": object(),
+        "exit": object(),
+        "quit": object(),
+    }
+    assert notebook_parameters(namespace) == {
+        "lora_r": 8, "learning_rate": 1e-4, "max_steps": None, "target_modules": ["q_proj"], "run_dir": "x",
+    }
+
+
+def test_notebook_config_validates_parameters():
+    config = notebook_config({"lora_r": 8, "max_steps": 3, "json": json, "__doc__": None})
+    assert (config.lora_r, config.max_steps) == (8, 3)
+    assert config.learning_rate == 2e-4  # default kept
+
+
+def test_notebook_config_unknown_name_raises():
+    with pytest.raises(ValueError, match=r"unknown parameter.*'lora_rank'.*accepted parameters"):
+        notebook_config({"lora_r": 8, "lora_rank": 8})
+
+
+def test_notebook_config_bad_value_raises():
+    with pytest.raises(ValueError, match=r"optim 'adam' is unknown"):
+        notebook_config({"optim": "adam"})
+
+
+def _record_run(directory, **parameters):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "run.json").write_text(json.dumps({"parameters": RunConfig(**parameters).to_dict()}))
+
+
+def test_run_config_is_recorded_values_overridden_by_namespace(tmp_path):
+    run_dir = tmp_path / "run"
+    _record_run(run_dir, lora_r=8, max_steps=7, dataset="data.jsonl", max_new_tokens=64, run_dir=str(run_dir))
+    config = run_config({"run_dir": str(run_dir), "max_new_tokens": 16, "json": json, "_x": 1})
+    assert config.lora_r == 8  # recorded
+    assert config.max_steps == 7  # recorded
+    assert config.dataset == "data.jsonl"  # recorded
+    assert config.max_new_tokens == 16  # the notebook's value wins
+    assert config.run_dir == str(run_dir)
+
+
+def test_run_config_without_recorded_run_points_to_training_notebook(tmp_path):
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"run\.json.*01_train_lora"):
+        run_config({"run_dir": str(run_dir)})
+
+
+def test_run_config_checks_namespace_before_reading_run_dir(tmp_path):
+    with pytest.raises(ValueError, match=r"'max_new_token'.*did you mean 'max_new_tokens'"):
+        run_config({"run_dir": str(tmp_path / "missing"), "max_new_token": 5})
+
+
+def test_notebook_parameters_drops_any_callable():
+    import functools
+    import math
+    from time import time
+
+    namespace = {"lora_r": 8, "time": time, "sqrt": math.sqrt, "part": functools.partial(print)}
+    assert notebook_parameters(namespace) == {"lora_r": 8}

@@ -1,0 +1,281 @@
+"""Loading and checking training rows from local files, and rendering them as training text."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from helpers.config import RunConfig
+from helpers.data import (
+    LOCAL_FORMATS,
+    SAMPLE_DATASET,
+    check_rows,
+    is_local_dataset,
+    load_checked_rows,
+    load_rows,
+    read_local_rows,
+    to_training_set,
+)
+from helpers.prompts import format_alpaca_prompt
+
+ROWS = [
+    {"prompt": "What's up?", "chosen": "Not much, you?", "rejected": "I am an AI."},
+    {"prompt": "Favorite color?", "chosen": "Blue, like the sea!", "rejected": "I have no preferences."},
+    {"prompt": "Tea or coffee?", "chosen": "Coffee, always ☕", "rejected": "Both are beverages."},
+]
+QA_ROWS = [{"question": r["prompt"], "answer": r["chosen"]} for r in ROWS]
+EOS = "<|end_of_text|>"
+
+
+def write_rows(path, rows, fmt=None):
+    """Write rows to path in the format its extension (or fmt) names."""
+    fmt = fmt or path.suffix
+    if fmt == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif fmt == "json-data":
+        path.write_text(json.dumps({"data": rows}), encoding="utf-8")
+    elif fmt == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise AssertionError(fmt)
+    return path
+
+
+# ---------------------------------------------------------------- local formats
+
+
+@pytest.mark.parametrize("name, fmt", [
+    ("rows.jsonl", None),
+    ("rows.json", None),
+    ("rows.json", "json-data"),
+    ("rows.csv", None),
+    ("rows.parquet", None),
+    ("ROWS.JSONL", ".jsonl"),
+])
+def test_every_local_format_reads_the_same_rows(tmp_path, name, fmt):
+    path = write_rows(tmp_path / name, ROWS, fmt)
+    assert read_local_rows(path) == ROWS
+    assert read_local_rows(str(path)) == ROWS
+    assert load_rows(str(path)) == ROWS
+
+
+def test_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n" + json.dumps(ROWS[0]) + "\n\n   \n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
+    assert read_local_rows(path) == ROWS[:2]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_load_checked_rows_maps_custom_columns(tmp_path, suffix):
+    path = write_rows(tmp_path / f"qa{suffix}", QA_ROWS)
+    config = RunConfig(dataset=str(path), prompt_field="question", response_field="answer")
+    assert load_checked_rows(config) == QA_ROWS
+
+
+def test_load_checked_rows_reports_a_missing_custom_column(tmp_path):
+    path = write_rows(tmp_path / "qa.jsonl", QA_ROWS)
+    config = RunConfig(dataset=str(path))  # default fields prompt/chosen are not there
+    with pytest.raises(ValueError, match=r"prompt_field 'prompt' is not a column.*columns found: question, answer"):
+        load_checked_rows(config)
+
+
+# ---------------------------------------------------------------- file errors
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl.*does not exist"):
+        read_local_rows(path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_checked_rows(RunConfig(dataset=str(path)))
+
+
+def test_unsupported_extension_lists_accepted_formats(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"rows\.txt.*'\.txt'.*accepted formats") as info:
+        read_local_rows(path)
+    for fmt in LOCAL_FORMATS:
+        assert fmt in str(info.value)
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n{\"prompt\": oops}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows\.jsonl: line 3 is not valid JSON"):
+        read_local_rows(path)
+
+
+def test_jsonl_row_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 2 is a list, not an object"):
+        read_local_rows(path)
+
+
+@pytest.mark.parametrize("content, kind", [
+    ({"prompt": "a", "chosen": "b"}, "dict"),
+    ("just text", "str"),
+    ({"data": {"prompt": "a"}}, "dict"),
+    (42, "int"),
+])
+def test_json_that_is_not_a_list_is_an_error(tmp_path, content, kind):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"expected a list of objects.*got {kind}"):
+        read_local_rows(path)
+
+
+def test_json_list_of_non_objects_is_an_error(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([ROWS[0], "text"]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 2 is a str"):
+        read_local_rows(path)
+
+
+# ---------------------------------------------------------------- row checks
+
+FIELDS = {"prompt_field": "prompt", "response_field": "chosen"}
+
+
+def test_check_rows_accepts_good_rows():
+    check_rows(ROWS, FIELDS, "mine")  # no exception
+
+
+def test_missing_column_names_it_and_lists_columns_found():
+    with pytest.raises(ValueError, match=r"response_field 'answer' is not a column of 'mine'; "
+                                         r"columns found: prompt, chosen, rejected"):
+        check_rows(ROWS, {"prompt_field": "prompt", "response_field": "answer"}, "mine")
+
+
+@pytest.mark.parametrize("rows", [[]])
+def test_empty_dataset_is_an_error(rows):
+    with pytest.raises(ValueError, match=r"'mine' is empty"):
+        check_rows(rows, FIELDS, "mine")
+
+
+def test_empty_jsonl_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"empty\.jsonl' is empty"):
+        load_checked_rows(RunConfig(dataset=str(path)))
+
+
+@pytest.mark.parametrize("value, kind", [(5, "int"), (None, "NoneType"), (["a"], "list")])
+def test_non_string_value_names_row_and_column(value, kind):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["chosen"] = value
+    with pytest.raises(ValueError, match=rf"'mine' row 2: column 'chosen' holds {kind}.*not text"):
+        check_rows(rows, FIELDS, "mine")
+
+
+def test_column_missing_from_a_later_row_names_row_and_column():
+    rows = [dict(r) for r in ROWS]
+    del rows[2]["prompt"]
+    with pytest.raises(ValueError, match=r"row 3: column 'prompt' holds NoneType"):
+        check_rows(rows, FIELDS, "mine")
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\n\t"])
+def test_empty_field_names_row_and_column(value):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["prompt"] = value
+    with pytest.raises(ValueError, match=r"'mine' row 3: column 'prompt' is empty"):
+        check_rows(rows, FIELDS, "mine")
+
+
+def test_empty_csv_cell_is_caught(tmp_path):
+    rows = [dict(r) for r in QA_ROWS]
+    rows[1]["answer"] = ""
+    path = write_rows(tmp_path / "qa.csv", rows)
+    config = RunConfig(dataset=str(path), prompt_field="question", response_field="answer")
+    with pytest.raises(ValueError, match=r"row 2: column 'answer' is empty"):
+        load_checked_rows(config)
+
+
+# ---------------------------------------------------------------- local vs Hub
+
+
+@pytest.mark.parametrize("dataset, local", [
+    ("HumanLLMs/Human-Like-DPO-Dataset", False),
+    ("x.jsonl", True),
+    ("data/x.parquet", True),
+    ("x.CSV", True),
+    ("x.json", True),
+])
+def test_is_local_dataset(dataset, local):
+    assert is_local_dataset(dataset) is local
+
+
+def test_existing_path_without_known_extension_is_local(tmp_path):
+    path = tmp_path / "rows"
+    path.write_text("x")
+    assert is_local_dataset(str(path)) is True
+
+
+# ---------------------------------------------------------------- bundled sample
+
+
+def test_bundled_sample_is_a_valid_dpo_dataset():
+    assert SAMPLE_DATASET.is_file()
+    rows = read_local_rows(SAMPLE_DATASET)
+    check_rows(rows, {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}, str(SAMPLE_DATASET))
+    assert len(rows) >= 200
+    assert all(row["chosen"] != row["rejected"] for row in rows)
+
+
+def test_default_config_pointed_at_the_sample_loads():
+    rows = load_checked_rows(RunConfig(dataset=str(SAMPLE_DATASET)))
+    assert len(rows) >= 200
+
+
+# ---------------------------------------------------------------- training set
+
+
+def test_to_training_set_gives_one_alpaca_text_per_row():
+    config = RunConfig(dataset="x.jsonl")
+    dataset = to_training_set(ROWS, config, EOS)
+    assert dataset.column_names == ["text"]
+    assert len(dataset) == len(ROWS)
+    for row, text in zip(ROWS, dataset["text"]):
+        assert text == format_alpaca_prompt(row["prompt"], row["chosen"], EOS)
+        assert text.endswith(row["chosen"] + EOS)
+        assert text.count(EOS) == 1
+
+
+def test_to_training_set_uses_configured_fields():
+    config = RunConfig(dataset="x.jsonl", prompt_field="question", response_field="answer")
+    texts = to_training_set(QA_ROWS, config, "</s>")["text"]
+    assert texts[0] == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?</s>"
+    )
+
+
+def test_to_training_set_requires_an_eos():
+    with pytest.raises(ValueError, match="no EOS token"):
+        to_training_set(ROWS, RunConfig(dataset="x.jsonl"), "")
+
+
+def test_csv_with_a_byte_order_mark_keeps_its_column_names(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("prompt,chosen\nHi?,Hello!\n", encoding="utf-8-sig")
+    assert read_local_rows(path) == [{"prompt": "Hi?", "chosen": "Hello!"}]
+
+
+def test_malformed_json_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n{"prompt": "a",\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON at line \d"):
+        read_local_rows(path)

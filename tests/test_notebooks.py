@@ -1,0 +1,100 @@
+"""The notebooks executed through papermill on the tiny profile, checked by what they recorded."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+import yaml
+
+from helpers.config import DEFAULT_PROMPTS, RunConfig
+from helpers.pipeline import PROFILES, run_notebook
+from helpers.records import read_json, read_train_log
+
+pytestmark = pytest.mark.notebook
+TINY = yaml.safe_load((PROFILES / "cpu_tiny.yaml").read_text())
+
+
+def test_run_dir_holds_every_output(tiny_run):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "train_log.csv", "loss.png", "run.json", "generations.jsonl",
+                 "00_setup.ipynb", "01_train_lora.ipynb", "02_inference.ipynb"):
+        assert (tiny_run / name).is_file(), f"{name} missing from run_dir"
+    assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = json.loads((tiny_run / "adapter/adapter_config.json").read_text())
+    assert adapter["r"] == TINY["lora_r"] and adapter["lora_alpha"] == TINY["lora_alpha"]
+    assert set(adapter["target_modules"]) == set(RunConfig().target_modules)
+
+
+def test_run_json_records_what_made_the_run(tiny_run):
+    record = read_json(tiny_run / "run.json")
+    assert record["status"] == "finished"
+    assert record["parameters"] == RunConfig.from_dict({**TINY, "run_dir": str(tiny_run)}).to_dict()
+    assert record["precision"] == "fp32"
+    versions = record["environment"]["versions"]
+    for package in ("torch", "transformers", "trl", "peft", "unsloth", "datasets"):
+        assert versions[package], f"{package} version not recorded"
+    assert "git_commit" in record["environment"] and record["accelerator"]["device"] == "cpu"
+    metrics = record["metrics"]
+    assert metrics["steps"] == TINY["max_steps"]
+    assert metrics["trained_tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["train_runtime_s"] > 0
+    assert metrics["peak_rss_gib"] > 0
+
+
+def test_loss_falls_clearly(tiny_run):
+    rows = read_train_log(tiny_run / "train_log.csv")
+    assert [r["step"] for r in rows] == list(range(1, TINY["max_steps"] + 1))
+    assert all(r["learning_rate"] is not None and r["grad_norm"] is not None for r in rows)
+    tenth = len(rows) // 10
+    first = sum(r["loss"] for r in rows[:tenth]) / tenth
+    last = sum(r["loss"] for r in rows[-tenth:]) / tenth
+    assert last < 0.85 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+
+
+def test_inference_saved_one_answer_per_prompt(tiny_run):
+    lines = (tiny_run / "generations.jsonl").read_text().splitlines()
+    generations = [json.loads(line) for line in lines]
+    assert [g["prompt"] for g in generations] == DEFAULT_PROMPTS
+    assert all(isinstance(g["response"], str) and g["temperature"] == 0.0 for g in generations)
+
+
+def test_executed_training_notebook_shows_the_loss_plot(tiny_run):
+    nb = nbformat.read(tiny_run / "01_train_lora.ipynb", as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "run_dir" in injected[0].source
+
+
+def _failed_before_model_load(tmp_path, params):
+    """Run the training notebook with bad parameters; return the error text and the executed notebook."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        run_notebook("01_train_lora", {**TINY, "run_dir": str(tmp_path / "run"), **params}, tmp_path)
+    nb = nbformat.read(tmp_path / "01_train_lora.ipynb", as_version=4)
+    loading = next(c for c in nb.cells if "load_base_model" in c.source)
+    assert loading.execution_count is None, "the model cell ran although the input was bad"
+    return str(failure.value)
+
+
+def test_unknown_parameter_stops_the_notebook_before_the_model_loads(tmp_path):
+    import papermill
+
+    nb = tmp_path / "nb"
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        papermill.execute_notebook("notebooks/01_train_lora.ipynb", str(tmp_path / "out.ipynb"),
+                                   parameters={**TINY, "run_dir": str(nb), "learnig_rate": 0.1},
+                                   kernel_name="python3", progress_bar=False, log_output=False)
+    assert "learnig_rate" in str(failure.value) and "did you mean 'learning_rate'" in str(failure.value)
+    assert not (nb / "run.json").exists()
+
+
+def test_missing_dataset_file_stops_the_notebook_before_the_model_loads(tmp_path):
+    message = _failed_before_model_load(tmp_path, {"dataset": "no/such/file.jsonl"})
+    assert "no/such/file.jsonl" in message and "does not exist" in message
+
+
+def test_missing_column_stops_the_notebook_before_the_model_loads(tmp_path):
+    message = _failed_before_model_load(tmp_path, {"response_field": "answer"})
+    assert "'answer'" in message and "columns found: prompt, chosen, rejected" in message
