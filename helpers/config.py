@@ -22,6 +22,9 @@ OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torc
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+LONG_ROWS = ("truncate", "drop")
+RESUME = ("auto", "never")
+REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_PROMPTS = [
     "What's your favorite way to spend a rainy Sunday?",
     "Any tips for staying motivated when working from home?",
@@ -45,6 +48,7 @@ class RunConfig:
     prompt_field: str = "prompt"
     response_field: str = "chosen"
     prompt_template: str = "alpaca"
+    long_rows: str = "truncate"
     # LoRA
     lora_r: int = 64
     lora_alpha: int = 64
@@ -62,8 +66,14 @@ class RunConfig:
     optim: str = "adamw_8bit"
     seed: int = 3407
     logging_steps: int = 1
+    report_to: str = "none"
     packing: bool = False
     run_dir: str = "outputs/lora-run"
+    # reliability
+    save_steps: int = 20
+    save_total_limit: int = 2
+    resume: str = "auto"
+    overwrite: bool = False
     # inference
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 256
@@ -75,7 +85,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _field_types()[f.name]))
         for name in ("max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "max_new_tokens"):
+                     "gradient_accumulation_steps", "logging_steps", "max_new_tokens", "save_steps",
+                     "save_total_limit"):
             _require(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
         if self.max_steps is not None:
             _require("max_steps", self.max_steps, self.max_steps > 0, "a positive integer, or None to train by epochs")
@@ -93,6 +104,9 @@ class RunConfig:
         _choose("optim", self.optim, OPTIMIZERS)
         _choose("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _choose("precision", self.precision, PRECISIONS)
+        _choose("long_rows", self.long_rows, LONG_ROWS)
+        _choose("resume", self.resume, RESUME)
+        _choose("report_to", self.report_to, REPORT_TO)
         _require("target_modules", self.target_modules, bool(self.target_modules), "a non-empty list")
         for module in self.target_modules:
             _choose("target_modules", module, LORA_TARGETS)

@@ -105,10 +105,25 @@ def load_checked_rows(config) -> list[dict[str, Any]]:
     return rows
 
 
-def to_training_set(rows: list[dict[str, Any]], config, eos_token: str):
-    """The rows as a datasets.Dataset with one `text` column in the configured template, each ending in EOS."""
+def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
+    """The rows as a datasets.Dataset with one `text` column in the configured template, each ending in EOS.
+
+    Rows longer than max_seq_length tokens are counted and, by `long_rows`, kept to be truncated or dropped.
+    """
     from datasets import Dataset
 
     texts = [format_training_text(config.prompt_template, row[config.prompt_field], row[config.response_field],
-                                  eos_token) for row in rows]
+                                  tokenizer.eos_token) for row in rows]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > config.max_seq_length]
+    if long:
+        action = "dropped" if config.long_rows == "drop" else "truncated to max_seq_length"
+        log.warning("%d of %d rows are longer than max_seq_length=%d tokens (longest %d); they are %s "
+                    "(long_rows=%r)", len(long), len(texts), config.max_seq_length, max(lengths), action,
+                    config.long_rows)
+    if config.long_rows == "drop":
+        texts = [t for i, t in enumerate(texts) if i not in set(long)]
+    if not texts:
+        raise ValueError(f"no rows left after dropping {len(long)} rows longer than max_seq_length="
+                         f"{config.max_seq_length}; raise max_seq_length or set long_rows='truncate'")
     return Dataset.from_dict({"text": texts})

@@ -120,6 +120,14 @@ def torch_dtype(precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+def mount_drive_if_needed(run_dir: str) -> None:
+    """On Colab, mount Google Drive when run_dir lies on it, so a disconnect loses at most save_steps steps."""
+    if in_colab() and str(run_dir).startswith("/content/drive/") and not Path("/content/drive/MyDrive").exists():
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+
+
 def install_requirements() -> None:
     """On Colab, pip-install the pinned requirements and this package (no-op elsewhere)."""
     if not in_colab():

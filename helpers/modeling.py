@@ -23,6 +23,16 @@ def load_base_model(config, precision: str):
     return model, tokenizer
 
 
+def load_tokenizer(config):
+    """The model's tokenizer alone (fast: used to check and format the data before the model loads)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {config.model_name!r} has no EOS token; generation could never stop")
+    return tokenizer
+
+
 def add_lora(model, config):
     """Wrap the model with trainable LoRA adapters on the configured modules."""
     return FastLanguageModel.get_peft_model(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import time
@@ -9,8 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import helpers.stack  # noqa: F401  (unsloth before trl)
-from helpers.environment import device_report, environment_report, resolve_precision
+from helpers.environment import (
+    device_report,
+    environment_report,
+    is_interactive,
+    mount_drive_if_needed,
+    resolve_precision,
+)
+from helpers.monitoring import LiveLossPlot, gpu_memory_gib
 from helpers.records import training_log, update_run_record, write_train_log
+from helpers.reliability import (
+    StopOnNonFiniteLoss,
+    check_model_source,
+    check_run_dir,
+    checkpoint_tokens,
+    latest_checkpoint,
+    out_of_memory_advice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +54,37 @@ def sft_config(config, precision: str):
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
-        save_strategy="no",
-        report_to="none",
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=config.report_to,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=1,
     )
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str):
-    """An SFTTrainer over the formatted rows (a `text` column)."""
+    """An SFTTrainer over the formatted rows (a `text` column), watched by the live plot and the loss guard."""
     from trl import SFTTrainer
 
+    if config.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
     return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set,
-                      args=sft_config(config, precision))
+                      args=sft_config(config, precision),
+                      callbacks=[StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())])
 
 
-def start_run_record(config) -> str:
-    """Cap GPU memory if asked, write run.json's parameters, environment and status; return the precision."""
+def prepare_run(config) -> str:
+    """Everything checked and recorded before a model loads; returns the precision to train in.
+
+    Refuses a finished run_dir (unless overwrite), a missing local model, an unreachable offline Hub id;
+    mounts Drive on Colab when needed; caps GPU memory if asked; writes run.json with status 'running'.
+    """
+    check_run_dir(config)
+    check_model_source(config.model_name)
+    mount_drive_if_needed(config.run_dir)
     precision = resolve_precision(config.precision)
     cap_gpu_memory(config.max_gpu_memory_gib)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
@@ -87,6 +117,7 @@ def peak_memory() -> dict[str, float]:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     peaks = {"peak_rss_gib": round(rss_kib / 2**20, 3)}
     if torch.cuda.is_available():
+        peaks["gpu_total_gib"] = round(gpu_memory_gib()[1], 2)
         peaks["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         peaks["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return peaks
@@ -94,15 +125,28 @@ def peak_memory() -> dict[str, float]:
 
 def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
     """Train, save the adapter and tokenizer, write train_log.csv and the run's metrics; return the metrics."""
+    import torch
+
     run_dir = Path(config.run_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.resume == "auto" else None
+    tokens_before = checkpoint_tokens(checkpoint)  # read now: rotation may delete the checkpoint while training
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
     reset_peak_memory()
     started = time.perf_counter()
-    output = trainer.train()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as error:
+        update_run_record(run_dir, status="failed", error="out of memory")
+        raise RuntimeError(out_of_memory_advice(config)) from error
+    except Exception as error:
+        update_run_record(run_dir, status="failed", error=str(error))
+        raise
     seconds = time.perf_counter() - started
     rows = training_log(trainer.state.log_history)
     write_train_log(run_dir / "train_log.csv", rows)
     save_adapter(model, tokenizer, run_dir / "adapter")
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen) - tokens_before  # trained in this session
     losses = [r["loss"] for r in rows]
     tenth = max(1, len(losses) // 10)
     metrics = {
@@ -117,6 +161,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
         "first_tenth_mean_loss": round(sum(losses[:tenth]) / tenth, 5) if losses else None,
         "last_tenth_mean_loss": round(sum(losses[-tenth:]) / tenth, 5) if losses else None,
         "train_rows": len(trainer.train_dataset),
+        "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         **peak_memory(),
     }
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
@@ -142,7 +187,8 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> Path:
 def summary_line(metrics: dict[str, Any]) -> str:
     """One human line about a finished run."""
     gpu = metrics.get("peak_gpu_reserved_gib")
-    memory = f"peak GPU reserved {gpu} GiB" if gpu is not None else f"peak RSS {metrics['peak_rss_gib']} GiB"
+    memory = (f"peak GPU memory {gpu} of {metrics['gpu_total_gib']} GiB reserved" if gpu is not None
+              else f"peak RSS {metrics['peak_rss_gib']} GiB")
     return (f"{metrics['steps']} steps in {metrics['train_runtime_s']} s, {metrics['trained_tokens']} tokens "
             f"({metrics['tokens_per_s']} tokens/s), loss {metrics['first_loss']} -> {metrics['final_loss']}, {memory}")
 

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+# A random token for the whole session: no file a run writes may contain it (see test_secrets.py).
+HF_TOKEN_SENTINEL = "hf_" + secrets.token_hex(16)
+os.environ["HF_TOKEN"] = HF_TOKEN_SENTINEL
 
 
 @pytest.fixture(scope="session")

@@ -243,29 +243,46 @@ def test_default_config_pointed_at_the_sample_loads():
 # ---------------------------------------------------------------- training set
 
 
-def test_to_training_set_gives_one_alpaca_text_per_row():
-    config = RunConfig(dataset="x.jsonl")
-    dataset = to_training_set(ROWS, config, EOS)
+@pytest.fixture(scope="module")
+def tokenizer():
+    from helpers.local_models import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_to_training_set_gives_one_alpaca_text_per_row(tokenizer):
+    eos = tokenizer.eos_token
+    dataset = to_training_set(ROWS, RunConfig(dataset="x.jsonl"), tokenizer)
     assert dataset.column_names == ["text"]
     assert len(dataset) == len(ROWS)
     for row, text in zip(ROWS, dataset["text"]):
-        assert text == format_alpaca_prompt(row["prompt"], row["chosen"], EOS)
-        assert text.endswith(row["chosen"] + EOS)
-        assert text.count(EOS) == 1
+        assert text == format_alpaca_prompt(row["prompt"], row["chosen"], eos)
+        assert text.endswith(row["chosen"] + eos)
+        assert text.count(eos) == 1
 
 
-def test_to_training_set_uses_configured_fields():
+def test_to_training_set_uses_configured_fields(tokenizer):
     config = RunConfig(dataset="x.jsonl", prompt_field="question", response_field="answer")
-    texts = to_training_set(QA_ROWS, config, "</s>")["text"]
+    texts = to_training_set(QA_ROWS, config, tokenizer)["text"]
     assert texts[0] == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?</s>"
+        "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?" + tokenizer.eos_token
     )
 
 
-def test_to_training_set_requires_an_eos():
-    with pytest.raises(ValueError, match="no EOS token"):
-        to_training_set(ROWS, RunConfig(dataset="x.jsonl"), "")
+def test_long_rows_are_counted_and_truncated_or_dropped(tokenizer, caplog):
+    rows = [{"prompt": "Hi?", "chosen": "Hello! " * n} for n in (1, 200, 300)]
+    with caplog.at_level("WARNING"):
+        kept = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120), tokenizer)
+    assert len(kept) == 3 and "2 of 3 rows are longer than max_seq_length=120" in caplog.text
+    dropped = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120, long_rows="drop"), tokenizer)
+    assert dropped["text"] == kept["text"][:1]
+
+
+def test_dataset_empty_after_dropping_long_rows_is_an_error(tokenizer):
+    rows = [{"prompt": "Hi?", "chosen": "Hello! " * 300}]
+    with pytest.raises(ValueError, match=r"no rows left after dropping 1 rows longer than max_seq_length=64"):
+        to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=64, long_rows="drop"), tokenizer)
 
 
 def test_csv_with_a_byte_order_mark_keeps_its_column_names(tmp_path):

@@ -1,0 +1,71 @@
+"""Watching a run: the loss curve redrawn in place while a person watches, with time left and GPU memory."""
+from __future__ import annotations
+
+import time
+
+import helpers.stack  # noqa: F401  (unsloth before transformers)
+from transformers import TrainerCallback
+
+
+def should_redraw(interactive: bool, step: int, every: int, last_step: int) -> bool:
+    """Redraw only for a watcher (never headless), every `every` steps, and always on the last step."""
+    return interactive and step > 0 and (step % every == 0 or step == last_step)
+
+
+def gpu_memory_gib() -> tuple[float, float] | None:
+    """(peak reserved, total) GiB of GPU memory, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_reserved() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def progress_title(step: int, max_steps: int, elapsed: float, memory: tuple[float, float] | None) -> str:
+    """'step 40/120 · 0:01:10 elapsed · 0:02:20 left · GPU 7.4/15.0 GiB' (time left from the pace so far)."""
+    left = elapsed / step * (max_steps - step) if step else 0.0
+    clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))  # noqa: E731
+    parts = [f"step {step}/{max_steps}", f"{clock(elapsed)} elapsed", f"{clock(left)} left"]
+    if memory is not None:
+        parts.append(f"GPU {memory[0]:.1f}/{memory[1]:.1f} GiB")
+    return " · ".join(parts)
+
+
+class LiveLossPlot(TrainerCallback):
+    """Collects every logged loss; in an interactive notebook redraws the curve in place every few logs."""
+
+    def __init__(self, interactive: bool, every: int = 5):
+        self.interactive, self.every = interactive, every
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.redraws = 0
+        self._handle = None
+        self._started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        self.steps.append(state.global_step)
+        self.losses.append(logs["loss"])
+        if should_redraw(self.interactive, state.global_step, self.every * args.logging_steps, state.max_steps):
+            self._redraw(state.global_step, state.max_steps)
+
+    def _redraw(self, step: int, max_steps: int) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot(self.steps, self.losses)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(progress_title(step, max_steps, time.perf_counter() - self._started, gpu_memory_gib()))
+        ax.grid(alpha=0.3)
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)
+        self.redraws += 1
