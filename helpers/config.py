@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LONG_ROWS = ("truncate", "drop")
 RESUME = ("auto", "never")
 REPORT_TO = ("none", "tensorboard", "wandb")
+EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
+GGUF_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q8_0", "f16", "bf16")
 DEFAULT_PROMPTS = [
     "What's your favorite way to spend a rainy Sunday?",
     "Any tips for staying motivated when working from home?",
@@ -47,6 +50,7 @@ class RunConfig:
     dataset_split: str = "train"
     prompt_field: str = "prompt"
     response_field: str = "chosen"
+    rejected_field: str = "rejected"
     prompt_template: str = "alpaca"
     long_rows: str = "truncate"
     # LoRA
@@ -74,10 +78,23 @@ class RunConfig:
     save_total_limit: int = 2
     resume: str = "auto"
     overwrite: bool = False
+    # evaluation
+    eval_fraction: float = 0.05
+    eval_steps: int = 20
+    max_eval_rows: int = 200
     # inference
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 256
     temperature: float = 0.0
+    # export and sharing
+    formats: list[str] = field(default_factory=lambda: ["lora", "merged_16bit"])
+    gguf_quantization: str = "q4_k_m"
+    push_to_hub: bool = False
+    hub_repo_id: str = ""
+    private: bool = True
+    dry_run: bool = False
+    # batch runs
+    batch_plan: str = "notebooks/plans/cpu_tiny_grid.yaml"
     # Colab: where to clone this kit from when a notebook is opened on its own
     kit_repo: str = ""
 
@@ -86,7 +103,7 @@ class RunConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _field_types()[f.name]))
         for name in ("max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "max_new_tokens", "save_steps",
-                     "save_total_limit"):
+                     "save_total_limit", "eval_steps", "max_eval_rows"):
             _require(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
         if self.max_steps is not None:
             _require("max_steps", self.max_steps, self.max_steps > 0, "a positive integer, or None to train by epochs")
@@ -107,6 +124,15 @@ class RunConfig:
         _choose("long_rows", self.long_rows, LONG_ROWS)
         _choose("resume", self.resume, RESUME)
         _choose("report_to", self.report_to, REPORT_TO)
+        _require("eval_fraction", self.eval_fraction, 0 <= self.eval_fraction <= 0.5,
+                 "a number in [0, 0.5] (0 turns held-out evaluation off)")
+        _require("formats", self.formats, bool(self.formats), "a non-empty list")
+        for export_format in self.formats:
+            _choose("formats", export_format, EXPORT_FORMATS)
+        _choose("gguf_quantization", self.gguf_quantization, GGUF_QUANTIZATIONS)
+        if self.push_to_hub or self.hub_repo_id:
+            _require("hub_repo_id", self.hub_repo_id, re.fullmatch(r"[\w.-]+/[\w.-]+", self.hub_repo_id) is not None,
+                     "'owner/name' when push_to_hub is set")
         _require("target_modules", self.target_modules, bool(self.target_modules), "a non-empty list")
         for module in self.target_modules:
             _choose("target_modules", module, LORA_TARGETS)

@@ -105,6 +105,41 @@ def load_checked_rows(config) -> list[dict[str, Any]]:
     return rows
 
 
+def hold_out(rows: list[dict[str, Any]], config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows): a seeded eval_fraction of the rows, never trained on, recorded in
+    run_dir/split.json so that evaluation scores exactly those rows."""
+    import random
+
+    from helpers.records import write_json
+
+    count = round(len(rows) * config.eval_fraction)
+    if config.eval_fraction > 0 and count == 0:
+        count = 1
+    held = sorted(random.Random(config.seed).sample(range(len(rows)), count))
+    if count >= len(rows):
+        raise ValueError(f"eval_fraction={config.eval_fraction} leaves no rows to train on ({len(rows)} rows)")
+    write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
+                                                     "rows": len(rows), "eval_fraction": config.eval_fraction,
+                                                     "seed": config.seed, "eval_indices": held})
+    chosen = set(held)
+    return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
+
+
+def held_out_rows(config) -> list[dict[str, Any]]:
+    """The rows a run held out from training, as recorded in run_dir/split.json."""
+    from helpers.records import read_json
+
+    path = Path(config.run_dir) / "split.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run recorded no held-out split (eval_fraction=0?)")
+    split = read_json(path)
+    rows = load_rows(split["dataset"], split["split"])
+    if len(rows) != split["rows"]:
+        raise ValueError(f"dataset {split['dataset']!r} has {len(rows)} rows now but {split['rows']} when the run "
+                         "was trained; the held-out rows cannot be found again")
+    return [rows[i] for i in split["eval_indices"]]
+
+
 def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
     """The rows as a datasets.Dataset with one `text` column in the configured template, each ending in EOS.
 

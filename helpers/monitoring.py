@@ -38,6 +38,7 @@ class LiveLossPlot(TrainerCallback):
         self.interactive, self.every = interactive, every
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self.eval_points: list[tuple[int, float]] = []
         self.redraws = 0
         self._handle = None
         self._started = time.perf_counter()
@@ -46,6 +47,8 @@ class LiveLossPlot(TrainerCallback):
         self._started = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs:
+            self.eval_points.append((state.global_step, logs["eval_loss"]))
         if not logs or "loss" not in logs:
             return
         self.steps.append(state.global_step)
@@ -58,7 +61,10 @@ class LiveLossPlot(TrainerCallback):
         from IPython.display import display
 
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot(self.steps, self.losses)
+        ax.plot(self.steps, self.losses, label="training loss")
+        if self.eval_points:
+            ax.plot(*zip(*self.eval_points), marker="o", label="held-out loss")
+        ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(progress_title(step, max_steps, time.perf_counter() - self._started, gpu_memory_gib()))

@@ -16,7 +16,7 @@ from helpers.local_models import TINY_MODEL_DIR
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = NOTEBOOKS / "params"
-PIPELINE = ("00_setup", "01_train_lora", "02_inference")
+PIPELINE = ("00_setup", "01_train_lora", "02_inference", "03_evaluate")
 
 
 

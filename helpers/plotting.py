@@ -11,16 +11,21 @@ def plot_loss(run_dir: str | Path, title: str | None = None):
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = read_train_log(run_dir / "train_log.csv")
+    log = read_train_log(run_dir / "train_log.csv")
+    rows = [r for r in log if r["loss"] is not None]
+    evals = [r for r in log if r.get("eval_loss") is not None]
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, losses, marker="." if len(rows) < 60 else None, label="training loss")
     if len(rows) >= 10:
-        window = max(2, len(rows) // 10)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+        half = max(1, len(rows) // 20)  # centred window: follows the curve without lagging behind it
+        smooth = [sum(losses[max(0, i - half): i + half + 1]) / len(losses[max(0, i - half): i + half + 1])
                   for i in range(len(losses))]
-        ax.plot(steps, smooth, linewidth=2, label=f"moving average ({window} steps)")
+        ax.plot(steps, smooth, linewidth=2, label=f"moving average ({2 * half + 1} steps)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", linewidth=2,
+                label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or f"Training loss: {run_dir.name}")

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-LOG_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "epoch")
+LOG_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "epoch", "eval_loss")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -40,8 +40,13 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 
 def training_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-step training entries of a Trainer's log history (its final summary entry left out)."""
-    return [{key: entry.get(key) for key in LOG_COLUMNS} for entry in log_history if "loss" in entry]
+    """One row per logged step of a Trainer's log history: training entries, with eval_loss merged in by step."""
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        if "loss" in entry or "eval_loss" in entry:
+            row = rows.setdefault(entry["step"], {key: None for key in LOG_COLUMNS} | {"step": entry["step"]})
+            row.update({key: entry[key] for key in LOG_COLUMNS if key in entry and key != "step"})
+    return [rows[step] for step in sorted(rows)]
 
 
 def write_train_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:

@@ -31,7 +31,7 @@ from helpers.reliability import (
 log = logging.getLogger(__name__)
 
 
-def sft_config(config, precision: str):
+def sft_config(config, precision: str, with_eval: bool = False):
     """trl's SFTConfig for the run: the recipe's hyperparameters, precision from the hardware."""
     from trl import SFTConfig
 
@@ -54,6 +54,9 @@ def sft_config(config, precision: str):
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -63,16 +66,17 @@ def sft_config(config, precision: str):
     )
 
 
-def build_trainer(model, tokenizer, train_set, config, precision: str):
-    """An SFTTrainer over the formatted rows (a `text` column), watched by the live plot and the loss guard."""
+def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
+    """An SFTTrainer over the formatted rows (a `text` column), watched by the live plot and the loss guard;
+    with an eval_set, the held-out loss is logged every eval_steps."""
     from trl import SFTTrainer
 
     if config.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
-    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set,
-                      args=sft_config(config, precision),
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
+                      args=sft_config(config, precision, with_eval=eval_set is not None),
                       callbacks=[StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())])
 
 
@@ -147,7 +151,8 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
     write_train_log(run_dir / "train_log.csv", rows)
     save_adapter(model, tokenizer, run_dir / "adapter")
     tokens = int(trainer.state.num_input_tokens_seen) - tokens_before  # trained in this session
-    losses = [r["loss"] for r in rows]
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    eval_losses = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
     tenth = max(1, len(losses) // 10)
     metrics = {
         "train_runtime_s": round(seconds, 2),
@@ -160,7 +165,9 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
         "final_loss": losses[-1] if losses else None,
         "first_tenth_mean_loss": round(sum(losses[:tenth]) / tenth, 5) if losses else None,
         "last_tenth_mean_loss": round(sum(losses[-tenth:]) / tenth, 5) if losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "train_rows": len(trainer.train_dataset),
+        "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         **peak_memory(),
     }

@@ -18,7 +18,8 @@ TINY = yaml.safe_load((PROFILES / "cpu_tiny.yaml").read_text())
 def test_run_dir_holds_every_output(tiny_run):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
                  "train_log.csv", "loss.png", "run.json", "generations.jsonl",
-                 "00_setup.ipynb", "01_train_lora.ipynb", "02_inference.ipynb"):
+                 "split.json", "eval.json", "eval.md", "eval.png",
+                 "00_setup.ipynb", "01_train_lora.ipynb", "02_inference.ipynb", "03_evaluate.ipynb"):
         assert (tiny_run / name).is_file(), f"{name} missing from run_dir"
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = json.loads((tiny_run / "adapter/adapter_config.json").read_text())
@@ -49,6 +50,30 @@ def test_loss_falls_clearly(tiny_run):
     first = sum(r["loss"] for r in rows[:tenth]) / tenth
     last = sum(r["loss"] for r in rows[-tenth:]) / tenth
     assert last < 0.85 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+
+
+def test_held_out_rows_are_recorded_and_never_trained_on(tiny_run):
+    split = read_json(tiny_run / "split.json")
+    rows = split["rows"]
+    assert len(split["eval_indices"]) == round(rows * TINY["eval_fraction"]) and len(set(split["eval_indices"])) > 0
+    metrics = read_json(tiny_run / "run.json")["metrics"]
+    assert metrics["train_rows"] == rows - len(split["eval_indices"]) and metrics["eval_rows"] == len(split["eval_indices"])
+    evals = [r for r in read_train_log(tiny_run / "train_log.csv") if r["eval_loss"] is not None]
+    assert [r["step"] for r in evals] == list(range(20, TINY["max_steps"] + 1, 20))
+
+
+def test_evaluation_shows_the_tuned_model_beats_the_base(tiny_run):
+    report = read_json(tiny_run / "eval.json")
+    assert report["rows"] == len(read_json(tiny_run / "split.json")["eval_indices"])
+    for model in ("base", "tuned"):
+        for field in ("loss", "perplexity", "preference_accuracy", "mean_margin", "n_ties", "n_tokens"):
+            assert field in report[model], f"{model}.{field} missing from eval.json"
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert report["tuned"]["preference_accuracy"] > report["base"]["preference_accuracy"]
+    assert [g["prompt"] for g in report["generations"]] == DEFAULT_PROMPTS
+    assert all({"base", "tuned"} <= set(g) for g in report["generations"])
+    assert "| preference_accuracy |" in (tiny_run / "eval.md").read_text()
+    assert (tiny_run / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_inference_saved_one_answer_per_prompt(tiny_run):

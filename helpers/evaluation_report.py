@@ -1,0 +1,79 @@
+"""Before and after: the base model (adapter disabled) and the tuned model on the held-out rows, side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from helpers.evaluation import evaluate_model
+from helpers.inference import generate
+from helpers.records import atomic_write_text, write_json
+
+METRICS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
+
+
+def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out metrics of the base model (adapter disabled, same weights) and of the tuned model."""
+    rows = rows[: config.max_eval_rows]
+    kwargs = dict(template=config.prompt_template, rows=rows, prompt_field=config.prompt_field,
+                  response_field=config.response_field, rejected_field=config.rejected_field,
+                  batch_size=config.per_device_train_batch_size * 2, max_length=config.max_seq_length)
+    with model.disable_adapter():
+        base = evaluate_model(model, tokenizer, **kwargs)
+    tuned = evaluate_model(model, tokenizer, **kwargs)
+    return {"rows": len(rows), "response_field": config.response_field, "rejected_field": config.rejected_field,
+            "base": base, "tuned": tuned}
+
+
+def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:
+    """Greedy answers to each prompt from the base model and from the tuned model."""
+    answers = []
+    for prompt in config.prompts:
+        args = (prompt, config.prompt_template, config.max_new_tokens, 0.0)
+        with model.disable_adapter():
+            base = generate(model, tokenizer, *args)
+        answers.append({"prompt": prompt, "base": base, "tuned": generate(model, tokenizer, *args)})
+    return answers
+
+
+def report_markdown(results: dict[str, Any], generations: list[dict[str, str]]) -> str:
+    """eval.md: the metrics table, base against tuned, then the generations side by side."""
+    lines = [f"# Held-out evaluation ({results['rows']} rows)", "", "| metric | base | tuned |", "|---|---|---|"]
+    for metric in METRICS:
+        if metric in results["tuned"]:
+            lines.append(f"| {metric} | {results['base'][metric]:.4f} | {results['tuned'][metric]:.4f} |")
+    if "note" in results["tuned"]:
+        lines += ["", f"Note: {results['tuned']['note']}"]
+    lines += ["", "## Generations (greedy)", "", "| prompt | base | tuned |", "|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    lines += [f"| {cell(g['prompt'])} | {cell(g['base'])} | {cell(g['tuned'])} |" for g in generations]
+    return "\n".join(lines) + "\n"
+
+
+def save_report(run_dir: str | Path, results: dict[str, Any], generations: list[dict[str, str]]) -> str:
+    """Write eval.json and eval.md into run_dir; return the Markdown."""
+    write_json(Path(run_dir) / "eval.json", {**results, "generations": generations})
+    markdown = report_markdown(results, generations)
+    atomic_write_text(Path(run_dir) / "eval.md", markdown)
+    return markdown
+
+
+def plot_comparison(run_dir: str | Path, results: dict[str, Any]):
+    """Bar charts of each held-out metric, base against tuned; saved as run_dir/eval.png."""
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("loss", "preference_accuracy", "mean_margin") if m in results["tuned"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        values = [results["base"][metric], results["tuned"][metric]]
+        ax.bar(["base", "tuned"], values, color=["#999999", "#2a7ab9"])
+        ax.set_title(metric.replace("_", " "))
+        ax.bar_label(ax.containers[0], fmt="%.3f")
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Held-out evaluation, {results['rows']} rows")
+    fig.tight_layout()
+    tmp = Path(run_dir) / ".eval.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(Path(run_dir) / "eval.png")
+    plt.close(fig)
+    return fig
