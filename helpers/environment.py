@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 from importlib import metadata
@@ -152,3 +153,33 @@ def report_markdown(report: dict) -> str:
         else:
             rows.append((key, value))
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def cap_gpu_memory(gib: float) -> None:
+    """Limit this process's share of GPU memory to gib (0: no cap), e.g. 15 to stand in for a Colab T4."""
+    import torch
+
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
+
+
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting afresh (GPU only; CPU peaks are per process)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak GPU memory (allocated, reserved) in GiB on CUDA; peak resident memory of the process in GiB."""
+    import torch
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peaks = {"peak_rss_gib": round(rss_kib / 2**20, 3)}
+    if torch.cuda.is_available():
+        peaks["gpu_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+        peaks["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        peaks["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return peaks

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from helpers.environment import peak_memory, reset_peak_memory
 from helpers.evaluation import evaluate_model
 from helpers.inference import generate
 from helpers.records import atomic_write_text, write_json
@@ -17,11 +18,12 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
     kwargs = dict(template=config.prompt_template, rows=rows, prompt_field=config.prompt_field,
                   response_field=config.response_field, rejected_field=config.rejected_field,
                   batch_size=config.per_device_train_batch_size * 2, max_length=config.max_seq_length)
+    reset_peak_memory()
     with model.disable_adapter():
         base = evaluate_model(model, tokenizer, **kwargs)
     tuned = evaluate_model(model, tokenizer, **kwargs)
     return {"rows": len(rows), "response_field": config.response_field, "rejected_field": config.rejected_field,
-            "base": base, "tuned": tuned}
+            "base": base, "tuned": tuned, "memory": peak_memory()}
 
 
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:

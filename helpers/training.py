@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -14,10 +13,13 @@ from helpers.environment import (
     device_report,
     environment_report,
     is_interactive,
+    cap_gpu_memory,
     mount_drive_if_needed,
+    peak_memory,
+    reset_peak_memory,
     resolve_precision,
 )
-from helpers.monitoring import LiveLossPlot, gpu_memory_gib
+from helpers.monitoring import LiveLossPlot
 from helpers.records import training_log, update_run_record, write_train_log
 from helpers.reliability import (
     StopOnNonFiniteLoss,
@@ -95,36 +97,6 @@ def prepare_run(config) -> str:
     update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
                       environment=environment_report(), status="running", metrics={})
     return precision
-
-
-def cap_gpu_memory(gib: float) -> None:
-    """Limit this process's share of GPU memory to gib (0: no cap), e.g. 15 to stand in for a Colab T4."""
-    import torch
-
-    if gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
-
-
-def reset_peak_memory() -> None:
-    """Start peak-memory accounting afresh (GPU only; CPU peaks are per process)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> dict[str, float]:
-    """Peak GPU memory (allocated, reserved) in GiB on CUDA; peak resident memory of the process in GiB."""
-    import torch
-
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    peaks = {"peak_rss_gib": round(rss_kib / 2**20, 3)}
-    if torch.cuda.is_available():
-        peaks["gpu_total_gib"] = round(gpu_memory_gib()[1], 2)
-        peaks["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        peaks["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    return peaks
 
 
 def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
