@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo test test-fast venv clean-outputs
+.PHONY: demo test test-fast batch venv clean-outputs
 .DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt pyproject.toml
@@ -20,6 +20,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m helpers.pipeline
+
+PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
+batch: $(STAMP)
+	$(PY) -m helpers.batch $(PLAN)
 
 test: $(STAMP)
 	$(PY) -m pytest

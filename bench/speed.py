@@ -77,6 +77,9 @@ def load(backend: str, model_path: str, max_length: int, precision: str):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=modules,
                                              task_type="CAUSAL_LM"))
+    for param in model.parameters():
+        if param.requires_grad:  # the QLoRA recipe: trainable weights in fp32, so the fp16 grad scaler can unscale
+            param.data = param.data.float()
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
@@ -185,7 +188,7 @@ def main() -> None:
             results.append(json.loads(out.read_text()))
         print(f"{job}: {time.perf_counter() - started:.0f} s", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\n| configuration | tokens/s | s/step | tokens/step | MFU | peak alloc GiB | peak reserved GiB | loss finite |")
+    print("\n| configuration | tokens/s | s/step | tokens/step | MFU | peak alloc GiB | peak reserved GiB | loss finite |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "tokens_per_s" in r:

@@ -52,6 +52,8 @@ class RunConfig:
     response_field: str = "chosen"
     rejected_field: str = "rejected"
     prompt_template: str = "alpaca"
+    system_prompt: str = ""
+    train_on_responses_only: bool = False
     long_rows: str = "truncate"
     # LoRA
     lora_r: int = 64

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from helpers.prompts import format_training_text
+from helpers.prompts import format_generation_prompt, strip_eos
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], source: str) 
     for number, row in enumerate(rows, start=1):
         for parameter, column in fields.items():
             value = row.get(column)
+            if parameter == "prompt_field" and isinstance(value, list) and value:
+                continue  # a conversation, checked when it was mapped (from_conversations)
             if not isinstance(value, str):
                 raise ValueError(f"{source!r} row {number}: column {column!r} holds {type(value).__name__} "
                                  f"{value!r}, not text")
@@ -97,17 +99,55 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], source: str) 
                 raise ValueError(f"{source!r} row {number}: column {column!r} is empty")
 
 
+CONVERSATION_COLUMNS = ("messages", "conversations")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def from_conversations(rows: list[dict[str, Any]], config, source: str) -> list[dict[str, Any]]:
+    """Rows in conversation form (`messages` of {role, content}, or ShareGPT `conversations` of {from, value})
+    mapped to prompt/response rows: the prompt is every turn before the last assistant turn, the response that
+    turn. Other columns (a `rejected` answer, say) are kept. Rows already in prompt/response form pass through."""
+    if not rows or config.prompt_field in rows[0]:
+        return rows
+    column = next((c for c in CONVERSATION_COLUMNS if c in rows[0]), None)
+    if column is None:
+        return rows
+    mapped = []
+    for number, row in enumerate(rows, start=1):
+        turns = row[column]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ValueError(f"{source!r} row {number}: column {column!r} is not a list of messages")
+        try:
+            messages = [{"role": SHAREGPT_ROLES[t.get("role", t.get("from"))], "content": t.get("content", t.get("value"))}
+                        for t in turns]
+        except KeyError as error:
+            raise ValueError(f"{source!r} row {number}: unknown role {error.args[0]!r}; accepted roles: "
+                             f"{', '.join(SHAREGPT_ROLES)}") from None
+        if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+            raise ValueError(f"{source!r} row {number}: a conversation must end with a user turn and then an "
+                             "assistant turn")
+        for message in messages:
+            if not isinstance(message["content"], str) or not message["content"].strip():
+                raise ValueError(f"{source!r} row {number}: a {message['role']} message is empty or not text")
+        others = {k: v for k, v in row.items() if k != column}
+        mapped.append({**others, config.prompt_field: messages[:-1], config.response_field: messages[-1]["content"]})
+    log.info("mapped %d conversations from column %r to prompt/response rows", len(mapped), column)
+    return mapped
+
+
 def load_checked_rows(config) -> list[dict[str, Any]]:
-    """The configured dataset's rows, checked for the fields the config uses (before any model loads)."""
-    rows = load_rows(config.dataset, config.dataset_split)
+    """The configured dataset's rows (conversations mapped to prompt/response), checked for the fields the
+    config uses, before any model loads."""
+    rows = from_conversations(load_rows(config.dataset, config.dataset_split), config, config.dataset)
     check_rows(rows, {"prompt_field": config.prompt_field, "response_field": config.response_field}, config.dataset)
     log.info("loaded %d rows from %s", len(rows), config.dataset)
     return rows
 
 
-def hold_out(rows: list[dict[str, Any]], config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def hold_out(rows: list[dict[str, Any]], config,
+             write: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, held-out rows): a seeded eval_fraction of the rows, never trained on, recorded in
-    run_dir/split.json so that evaluation scores exactly those rows."""
+    run_dir/split.json (when `write`: by the main process only) so that evaluation scores exactly those rows."""
     import random
 
     from helpers.records import write_json
@@ -118,9 +158,10 @@ def hold_out(rows: list[dict[str, Any]], config) -> tuple[list[dict[str, Any]], 
     held = sorted(random.Random(config.seed).sample(range(len(rows)), count))
     if count >= len(rows):
         raise ValueError(f"eval_fraction={config.eval_fraction} leaves no rows to train on ({len(rows)} rows)")
-    write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
-                                                     "rows": len(rows), "eval_fraction": config.eval_fraction,
-                                                     "seed": config.seed, "eval_indices": held})
+    if write:
+        write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
+                                                         "rows": len(rows), "eval_fraction": config.eval_fraction,
+                                                         "seed": config.seed, "eval_indices": held})
     chosen = set(held)
     return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
 
@@ -137,28 +178,35 @@ def held_out_rows(config) -> list[dict[str, Any]]:
     if len(rows) != split["rows"]:
         raise ValueError(f"dataset {split['dataset']!r} has {len(rows)} rows now but {split['rows']} when the run "
                          "was trained; the held-out rows cannot be found again")
-    return [rows[i] for i in split["eval_indices"]]
+    return from_conversations([rows[i] for i in split["eval_indices"]], config, split["dataset"])
 
 
 def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
-    """The rows as a datasets.Dataset with one `text` column in the configured template, each ending in EOS.
+    """The rows as a datasets.Dataset of `prompt` and `completion` texts in the configured template: the
+    prompt as the model sees it at inference, the completion the response and one EOS. The loss covers both,
+    or only the completion with train_on_responses_only.
 
     Rows longer than max_seq_length tokens are counted and, by `long_rows`, kept to be truncated or dropped.
     """
     from datasets import Dataset
 
-    texts = [format_training_text(config.prompt_template, row[config.prompt_field], row[config.response_field],
-                                  tokenizer.eos_token) for row in rows]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    long = [i for i, n in enumerate(lengths) if n > config.max_seq_length]
+    eos = tokenizer.eos_token
+    if not eos:
+        raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
+    prompts = [format_generation_prompt(config.prompt_template, row[config.prompt_field], tokenizer,
+                                        config.system_prompt) for row in rows]
+    completions = [strip_eos(row[config.response_field], eos) + eos for row in rows]
+    full = [p + c for p, c in zip(prompts, completions)]
+    lengths = [len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"]]
+    long = {i for i, n in enumerate(lengths) if n > config.max_seq_length}
     if long:
         action = "dropped" if config.long_rows == "drop" else "truncated to max_seq_length"
         log.warning("%d of %d rows are longer than max_seq_length=%d tokens (longest %d); they are %s "
-                    "(long_rows=%r)", len(long), len(texts), config.max_seq_length, max(lengths), action,
+                    "(long_rows=%r)", len(long), len(full), config.max_seq_length, max(lengths), action,
                     config.long_rows)
-    if config.long_rows == "drop":
-        texts = [t for i, t in enumerate(texts) if i not in set(long)]
-    if not texts:
+    keep = [i for i in range(len(full)) if config.long_rows != "drop" or i not in long]
+    if not keep:
         raise ValueError(f"no rows left after dropping {len(long)} rows longer than max_seq_length="
                          f"{config.max_seq_length}; raise max_seq_length or set long_rows='truncate'")
-    return Dataset.from_dict({"text": texts})
+    return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
+

@@ -1,6 +1,7 @@
 """Held-out evaluation of a causal LM: log-likelihood of responses, loss and perplexity, preference accuracy."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -15,11 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def _encode(tokenizer, template: str, pairs: Sequence[tuple[str, str]],
-            max_length: int | None) -> list[tuple[list[int], int]]:
+            max_length: int | None, system_prompt: str = "") -> list[tuple[list[int], int]]:
     """(token ids, number of leading prompt tokens) for each (prompt, response) pair, as the model will score it."""
     eos = tokenizer.eos_token
-    prompt_texts = [format_generation_prompt(template, prompt) for prompt, _ in pairs]
-    full_texts = [format_training_text(template, prompt, response, eos) for prompt, response in pairs]
+    prompt_texts = [format_generation_prompt(template, prompt, tokenizer, system_prompt) for prompt, _ in pairs]
+    full_texts = [format_training_text(template, prompt, response, eos, tokenizer, system_prompt)
+                  for prompt, response in pairs]
     for prompt_text, full_text in zip(prompt_texts, full_texts):
         if not full_text.startswith(prompt_text):
             raise ValueError(f"template {template!r}: the training text does not start with the generation prompt, "
@@ -56,8 +58,9 @@ def _encode(tokenizer, template: str, pairs: Sequence[tuple[str, str]],
     return encoded
 
 
-def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
-                      progress: bool = True, max_length: int | None = None) -> list[tuple[float, int]]:
+def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[Any, str]], batch_size: int = 8,
+                      progress: bool = True, max_length: int | None = None,
+                      system_prompt: str = "") -> list[tuple[float, int]]:
     """(summed log-probability, token count) of each pair's response (EOS included) given its prompt, in input order."""
     from tqdm.auto import tqdm
 
@@ -65,9 +68,14 @@ def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[str
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be at least 1 (or None for no limit), got {max_length}")
-    pairs = [(str(prompt), str(response)) for prompt, response in pairs]
-    unique = list(dict.fromkeys(pairs))  # identical pairs are scored once and get identical scores
-    encoded = _encode(tokenizer, template, unique, max_length) if unique else []
+    # Identical pairs are scored once and get identical scores; a prompt may be a conversation (a list of
+    # messages), so pairs are compared by their JSON text.
+    keys = [json.dumps(pair, sort_keys=True) for pair in pairs]
+    first: dict[str, tuple[Any, str]] = {}
+    for key, pair in zip(keys, pairs):
+        first.setdefault(key, pair)
+    unique_keys, unique = list(first), list(first.values())
+    encoded = _encode(tokenizer, template, unique, max_length, system_prompt) if unique else []
     # Longest first: rows of similar length share a batch, so little compute goes to padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]), reverse=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -85,8 +93,8 @@ def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[str
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    by_pair = dict(zip(unique, scores))
-    return [by_pair[pair] for pair in pairs]
+    by_key = dict(zip(unique_keys, scores))
+    return [by_key[key] for key in keys]
 
 
 def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int) -> list[tuple[float, int]]:
@@ -125,13 +133,14 @@ def loss_summary(scores: Sequence[tuple[float, int]]) -> dict[str, float | int]:
     return {"loss": loss, "perplexity": perplexity, "n_tokens": n_tokens, "n_rows": len(scores)}
 
 
-def score_responses(model, tokenizer, template: str, prompts: Sequence[str], responses: Sequence[str],
-                    batch_size: int = 8, progress: bool = True, max_length: int | None = None) -> dict[str, Any]:
+def score_responses(model, tokenizer, template: str, prompts: Sequence[Any], responses: Sequence[str],
+                    batch_size: int = 8, progress: bool = True, max_length: int | None = None,
+                    system_prompt: str = "") -> dict[str, Any]:
     """Mean per-token loss and perplexity of the responses given their prompts."""
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
     scores = response_logprobs(model, tokenizer, template, list(zip(prompts, responses)), batch_size=batch_size,
-                               progress=progress, max_length=max_length)
+                               progress=progress, max_length=max_length, system_prompt=system_prompt)
     return loss_summary(scores)
 
 
@@ -164,7 +173,8 @@ def preference_metrics(chosen_scores: Sequence[tuple[float, int]], rejected_scor
 
 def evaluate_model(model, tokenizer, template: str, rows: Sequence[dict[str, Any]], prompt_field: str,
                    response_field: str, rejected_field: str | None = None, max_rows: int | None = None,
-                   batch_size: int = 8, max_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+                   batch_size: int = 8, max_length: int | None = None, progress: bool = True,
+                   system_prompt: str = "") -> dict[str, Any]:
     """Loss and perplexity on the responses; preference accuracy and margin against rejected ones when given."""
     rows = list(rows)[:max_rows] if max_rows is not None else list(rows)
     check_rows(rows, {"prompt_field": prompt_field, "response_field": response_field}, "evaluation rows")
@@ -181,7 +191,7 @@ def evaluate_model(model, tokenizer, template: str, rows: Sequence[dict[str, Any
     if note is None:
         pairs += [(row[prompt_field], row[rejected_field]) for row in rows]
     scores = response_logprobs(model, tokenizer, template, pairs, batch_size=batch_size, progress=progress,
-                               max_length=max_length)  # one pass: chosen and rejected share the batches
+                               max_length=max_length, system_prompt=system_prompt)  # chosen, rejected: one pass
     chosen = scores[:len(rows)]
     result: dict[str, Any] = loss_summary(chosen)
     if note is None:

@@ -7,7 +7,7 @@ from typing import Any
 from helpers.environment import peak_memory, reset_peak_memory
 from helpers.evaluation import evaluate_model
 from helpers.inference import generate
-from helpers.records import atomic_write_text, write_json
+from helpers.records import atomic_write_text, save_figure, write_json
 
 METRICS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
 
@@ -17,7 +17,8 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
     rows = rows[: config.max_eval_rows]
     kwargs = dict(template=config.prompt_template, rows=rows, prompt_field=config.prompt_field,
                   response_field=config.response_field, rejected_field=config.rejected_field,
-                  batch_size=config.per_device_train_batch_size * 2, max_length=config.max_seq_length)
+                  batch_size=config.per_device_train_batch_size * 2, max_length=config.max_seq_length,
+                  system_prompt=config.system_prompt)
     reset_peak_memory()
     with model.disable_adapter():
         base = evaluate_model(model, tokenizer, **kwargs)
@@ -32,8 +33,9 @@ def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:
     for prompt in config.prompts:
         args = (prompt, config.prompt_template, config.max_new_tokens, 0.0)
         with model.disable_adapter():
-            base = generate(model, tokenizer, *args)
-        answers.append({"prompt": prompt, "base": base, "tuned": generate(model, tokenizer, *args)})
+            base = generate(model, tokenizer, *args, system_prompt=config.system_prompt)
+        answers.append({"prompt": prompt, "base": base,
+                        "tuned": generate(model, tokenizer, *args, system_prompt=config.system_prompt)})
     return answers
 
 
@@ -74,8 +76,6 @@ def plot_comparison(run_dir: str | Path, results: dict[str, Any]):
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Held-out evaluation, {results['rows']} rows")
     fig.tight_layout()
-    tmp = Path(run_dir) / ".eval.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(Path(run_dir) / "eval.png")
+    save_figure(fig, Path(run_dir) / "eval.png")
     plt.close(fig)
     return fig

@@ -9,13 +9,14 @@ from helpers.prompts import format_generation_prompt
 from helpers.records import atomic_write_text
 
 
-def generate(model, tokenizer, prompt: str, template: str, max_new_tokens: int, temperature: float,
-             stream: bool = False) -> str:
-    """The model's answer to one prompt (temperature 0 = greedy), without the prompt text."""
+def generate(model, tokenizer, prompt, template: str, max_new_tokens: int, temperature: float,
+             stream: bool = False, system_prompt: str = "") -> str:
+    """The model's answer to one prompt (temperature 0 = greedy), without the prompt text; rendered exactly as
+    in training (same template, same system prompt)."""
     import torch
     from transformers import TextStreamer
 
-    text = format_generation_prompt(template, prompt)
+    text = format_generation_prompt(template, prompt, tokenizer, system_prompt)
     inputs = tokenizer([text], return_tensors="pt", add_special_tokens=True).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
@@ -40,7 +41,7 @@ def generate_all(model, tokenizer, config, stream: bool = False) -> list[dict[st
         if stream:
             print(f"\n### {prompt}\n")
         response = generate(model, tokenizer, prompt, config.prompt_template, config.max_new_tokens,
-                            config.temperature, stream=stream)
+                            config.temperature, stream=stream, system_prompt=config.system_prompt)
         results.append({"prompt": prompt, "response": response, "max_new_tokens": config.max_new_tokens,
                         "temperature": config.temperature})
     return results

@@ -12,7 +12,16 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = "outputs/_models/tiny-llama"  # the offline profile's model_name
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
+# Shaped like DeepSeek-R1-Distill's: BOS, system text, <｜User｜>/<｜Assistant｜> turns, earlier reasoning cut from
+# assistant turns, and a generation prompt that opens a think block.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{% set c = m['content'] %}"
+    "{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}{{ c }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+)
 VOCAB_SIZE = 1024
 # Small enough to train in seconds on two CPU cores, deep enough to be a real decoder stack.
 TINY_LLAMA = dict(
@@ -47,13 +56,13 @@ def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
+        special_tokens=[BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     # The template text is in the corpus so that its words get their own tokens, as in a real vocabulary.
     tok.train_from_iterator(_training_texts(dataset_path) + [ALPACA_TEMPLATE] * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -61,6 +70,8 @@ def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
         model_max_length=TINY_LLAMA["max_position_embeddings"],
         padding_side="right",
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 # Llama-3.1-8B's architecture (DeepSeek-R1-Distill-Llama-8B's): random weights stand in for the real ones in
@@ -90,7 +101,9 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     if shape not in SHAPES:
         raise ValueError(f"shape {shape!r} is unknown; choose one of: {', '.join(SHAPES)}")
     out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "tokenizer.json").exists() and not overwrite:
+    stamp = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE, "seed": seed},
+                       sort_keys=True)
+    if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp and not overwrite:
         log.info("model already at %s", out)
         return out
     tokenizer = build_tokenizer()
@@ -104,6 +117,7 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "kit_build.json").write_text(stamp)  # what was built: a changed recipe rebuilds
     log.info("built %s Llama (%d parameters) at %s", shape, model.num_parameters(), out)
     return out
 

@@ -55,10 +55,14 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 def load_trained_model(config, precision: str, adapter_dir: str | Path):
-    """The base model with a saved adapter on top, switched to unsloth's inference mode."""
-    from peft import PeftModel
+    """The base model with a saved adapter on top, in unsloth's inference mode.
 
-    model, tokenizer = load_base_model(config, precision)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    Loaded from the adapter folder, as unsloth documents, so that unsloth's save methods are bound to the LoRA
+    wrapper (bound to the bare base model, as `PeftModel.from_pretrained` leaves them, a merged save would
+    write the un-merged layers).
+    """
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(adapter_dir), max_seq_length=config.max_seq_length, dtype=torch_dtype(precision),
+        load_in_4bit=config.load_in_4bit)
     FastLanguageModel.for_inference(model)
     return model, tokenizer

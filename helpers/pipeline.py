@@ -56,7 +56,7 @@ def notebook_parameter_names(notebook: Path) -> set[str]:
             for node in tree.body if isinstance(node, (ast.AnnAssign, ast.Assign))}
 
 
-def run_notebook(name: str, params: dict[str, Any], out_dir: Path) -> Path:
+def run_notebook(name: str, params: dict[str, Any], out_dir: Path, progress_bar: bool = True) -> Path:
     """Execute notebooks/<name>.ipynb with the parameters it declares; save the executed copy in out_dir."""
     import papermill
 
@@ -65,8 +65,15 @@ def run_notebook(name: str, params: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{name}.ipynb"
     papermill.execute_notebook(str(notebook), str(output), parameters={k: v for k, v in params.items() if k in wanted},
-                               cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=True)
+                               cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=progress_bar)
     return output
+
+
+def use_offline_hub_when_local(configs: list[RunConfig]) -> None:
+    """Set HF_HUB_OFFLINE when every config's model and data are local: never wait on the network."""
+    if all((Path(c.model_name) == Path(TINY_MODEL_DIR) or (PROJECT_ROOT / c.model_name).exists())
+           and is_local_dataset(c.dataset) for c in configs):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
@@ -75,9 +82,7 @@ def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
     params = {**load_profile(profile), **(overrides or {})}
     config = RunConfig.from_dict(params)
     run_dir = PROJECT_ROOT / config.run_dir
-    local_model = Path(config.model_name) == Path(TINY_MODEL_DIR) or (PROJECT_ROOT / config.model_name).exists()
-    if local_model and is_local_dataset(config.dataset):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
+    use_offline_hub_when_local([config])
     for name in notebooks:
         started = time.perf_counter()
         run_notebook(name, params, run_dir)
@@ -85,17 +90,32 @@ def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
     return run_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """--profile and -p NAME VALUE, shared by the pipeline runner and the training entry point."""
     parser.add_argument("--profile", help=f"one of {profile_names()}; default: colab_t4 with a GPU, else cpu_tiny")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "YAML_VALUE"),
                         help="override one parameter, e.g. -p max_steps 30")
-    parser.add_argument("--notebooks", nargs="+", default=list(PIPELINE), choices=PIPELINE, metavar="NAME",
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The -p NAME VALUE overrides, values parsed as YAML."""
+    return {name: yaml.safe_load(value) for name, value in args.param}
+
+
+def profile_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen profile's parameters with the -p overrides on top."""
+    return {**load_profile(args.profile or default_profile()), **overrides_from(args)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_profile_arguments(parser)
+    parser.add_argument("--notebooks", nargs="+", default=list(PIPELINE), metavar="NAME",
+                        choices=sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")),
                         help=f"which notebooks to run, in order (default: {' '.join(PIPELINE)})")
     args = parser.parse_args(argv)
-    overrides = {name: yaml.safe_load(value) for name, value in args.param}
     started = time.perf_counter()
-    run_dir = run_pipeline(args.profile or default_profile(), overrides, tuple(args.notebooks))
+    run_dir = run_pipeline(args.profile or default_profile(), overrides_from(args), tuple(args.notebooks))
     rel = run_dir.relative_to(PROJECT_ROOT) if run_dir.is_relative_to(PROJECT_ROOT) else run_dir
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Outputs in {rel}/:")
     for path in sorted(run_dir.iterdir()):

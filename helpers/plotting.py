@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers.records import read_train_log
+from helpers.records import read_train_log, save_figure
 
 
 def plot_loss(run_dir: str | Path, title: str | None = None):
@@ -32,9 +32,7 @@ def plot_loss(run_dir: str | Path, title: str | None = None):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(run_dir / "loss.png")
+    save_figure(fig, run_dir / "loss.png")
     plt.close(fig)
     return fig
 

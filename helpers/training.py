@@ -39,7 +39,7 @@ def sft_config(config, precision: str, with_eval: bool = False):
 
     return SFTConfig(
         output_dir=str(Path(config.run_dir) / "checkpoints"),
-        dataset_text_field="text",
+        completion_only_loss=config.train_on_responses_only,
         max_length=config.max_seq_length,
         packing=config.packing,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -82,25 +82,29 @@ def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=
                       callbacks=[StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())])
 
 
-def prepare_run(config) -> str:
+def prepare_run(config, main_process: bool = True) -> str:
     """Everything checked and recorded before a model loads; returns the precision to train in.
 
-    Refuses a finished run_dir (unless overwrite), a missing local model, an unreachable offline Hub id;
-    mounts Drive on Colab when needed; caps GPU memory if asked; writes run.json with status 'running'.
+    Refuses a missing local model or an unreachable offline Hub id; caps GPU memory if asked. The main process
+    also refuses a finished run_dir (unless overwrite), mounts Drive on Colab when needed and writes run.json
+    with status 'running'.
     """
-    check_run_dir(config)
     check_model_source(config.model_name)
-    mount_drive_if_needed(config.run_dir)
     precision = resolve_precision(config.precision)
     cap_gpu_memory(config.max_gpu_memory_gib)
+    if not main_process:
+        return precision
+    check_run_dir(config)
+    mount_drive_if_needed(config.run_dir)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
                       environment=environment_report(), status="running", metrics={})
     return precision
 
 
-def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
-    """Train, save the adapter and tokenizer, write train_log.csv and the run's metrics; return the metrics."""
+def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None:
+    """Train, save the adapter and tokenizer, write train_log.csv and the run's metrics; return the metrics.
+    In a multi-process run only the main process writes (and gets the metrics); the others return None."""
     import torch
 
     run_dir = Path(config.run_dir)
@@ -113,12 +117,16 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any]:
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as error:
-        update_run_record(run_dir, status="failed", error="out of memory")
+        if trainer.is_world_process_zero():
+            update_run_record(run_dir, status="failed", error="out of memory")
         raise RuntimeError(out_of_memory_advice(config)) from error
     except Exception as error:
-        update_run_record(run_dir, status="failed", error=str(error))
+        if trainer.is_world_process_zero():
+            update_run_record(run_dir, status="failed", error=str(error))
         raise
     seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return None
     rows = training_log(trainer.state.log_history)
     write_train_log(run_dir / "train_log.csv", rows)
     save_adapter(model, tokenizer, run_dir / "adapter")

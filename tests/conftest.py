@@ -12,6 +12,8 @@ os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 HF_TOKEN_SENTINEL = "hf_" + secrets.token_hex(16)
 os.environ["HF_TOKEN"] = HF_TOKEN_SENTINEL
 
+import helpers.stack  # noqa: E402,F401  (unsloth before any test imports transformers, as in the notebooks)
+
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
@@ -20,3 +22,14 @@ def tiny_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("pipeline") / "tiny-run"
     return run_pipeline("cpu_tiny", {"run_dir": str(run_dir)})
+
+
+@pytest.fixture(scope="session")
+def chat_run(tiny_run, tmp_path_factory):
+    """run_dir of train -> inference -> evaluate on the tiny profile in chat mode with loss on responses only."""
+    from helpers.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("pipeline") / "chat-run"
+    overrides = {"run_dir": str(run_dir), "prompt_template": "chat", "train_on_responses_only": True,
+                 "system_prompt": "Answer like a warm friend."}
+    return run_pipeline("cpu_tiny", overrides, ("01_train_lora", "02_inference", "03_evaluate"))

@@ -253,9 +253,11 @@ def tokenizer():
 def test_to_training_set_gives_one_alpaca_text_per_row(tokenizer):
     eos = tokenizer.eos_token
     dataset = to_training_set(ROWS, RunConfig(dataset="x.jsonl"), tokenizer)
-    assert dataset.column_names == ["text"]
+    assert dataset.column_names == ["prompt", "completion"]
     assert len(dataset) == len(ROWS)
-    for row, text in zip(ROWS, dataset["text"]):
+    for row, prompt, completion in zip(ROWS, dataset["prompt"], dataset["completion"]):
+        text = prompt + completion
+        assert prompt == format_alpaca_prompt(row["prompt"]) and completion == row["chosen"] + eos
         assert text == format_alpaca_prompt(row["prompt"], row["chosen"], eos)
         assert text.endswith(row["chosen"] + eos)
         assert text.count(eos) == 1
@@ -263,7 +265,8 @@ def test_to_training_set_gives_one_alpaca_text_per_row(tokenizer):
 
 def test_to_training_set_uses_configured_fields(tokenizer):
     config = RunConfig(dataset="x.jsonl", prompt_field="question", response_field="answer")
-    texts = to_training_set(QA_ROWS, config, tokenizer)["text"]
+    dataset = to_training_set(QA_ROWS, config, tokenizer)
+    texts = [p + c for p, c in zip(dataset["prompt"], dataset["completion"])]
     assert texts[0] == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?" + tokenizer.eos_token
@@ -276,7 +279,7 @@ def test_long_rows_are_counted_and_truncated_or_dropped(tokenizer, caplog):
         kept = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120), tokenizer)
     assert len(kept) == 3 and "2 of 3 rows are longer than max_seq_length=120" in caplog.text
     dropped = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120, long_rows="drop"), tokenizer)
-    assert dropped["text"] == kept["text"][:1]
+    assert dropped["completion"] == kept["completion"][:1]
 
 
 def test_dataset_empty_after_dropping_long_rows_is_an_error(tokenizer):

@@ -123,3 +123,17 @@ def test_missing_dataset_file_stops_the_notebook_before_the_model_loads(tmp_path
 def test_missing_column_stops_the_notebook_before_the_model_loads(tmp_path):
     message = _failed_before_model_load(tmp_path, {"response_field": "answer"})
     assert "'answer'" in message and "columns found: prompt, chosen, rejected" in message
+
+
+def test_chat_template_with_response_only_loss_runs_train_inference_and_evaluation(chat_run):
+    record = read_json(chat_run / "run.json")
+    assert record["status"] == "finished"
+    assert record["parameters"]["prompt_template"] == "chat" and record["parameters"]["train_on_responses_only"]
+    rows = read_train_log(chat_run / "train_log.csv")
+    assert len([r for r in rows if r["loss"] is not None]) == TINY["max_steps"]
+    train_nb = (chat_run / "01_train_lora.ipynb").read_text()
+    assert "Answer like a warm friend.<｜User｜>" in train_nb and "<think>\\n\\n</think>" in train_nb
+    generations = [json.loads(line) for line in (chat_run / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == DEFAULT_PROMPTS
+    report = read_json(chat_run / "eval.json")
+    assert report["tuned"]["loss"] < report["base"]["loss"]

@@ -1,0 +1,335 @@
+"""Batch runs: a plan's parameter grid run point by point through papermill, then one comparison of every point.
+
+A plan (YAML, see notebooks/plans/) names a base profile, fixed overrides, a grid (lists are crossed) and optional
+extra points, and the notebooks to run per point. Each point gets its own run_dir, outputs/<batch>/<point>, named
+from the values it sets. A failed point is recorded and the batch goes on; running the plan again skips finished
+points and re-runs the others (the training notebook resumes from its newest checkpoint by itself).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, load_plan
+from helpers.config import RunConfig
+from helpers.environment import PROJECT_ROOT, mount_drive_if_needed
+from helpers.local_models import TINY_MODEL_DIR
+from helpers.pipeline import NOTEBOOKS, load_profile, notebook_parameter_names, run_notebook, use_offline_hub_when_local
+from helpers.records import atomic_write_text, read_json, read_train_log, save_figure, write_json
+
+log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__
+
+POINT_RECORD = "batch_point.json"  # what the batch knows about a point, kept in the point's run_dir
+
+
+@dataclass
+class BatchResult:
+    """What a batch left: one summary row per point, the files written, and which points ran this time."""
+
+    plan: Plan
+    rows: list[dict[str, Any]]
+    markdown: str
+    summary_csv: Path
+    summary_md: Path
+    chart: Path
+    ran: list[str] = field(default_factory=list)
+
+
+def notebook_done(point: Point, notebook: str) -> bool:
+    """Training is done when run.json says finished; another notebook when the batch recorded it finished."""
+    if notebook == TRAIN:
+        record = point.run_dir / "run.json"
+        return record.exists() and read_json(record).get("status") == "finished"
+    done = _point_record(point).get("notebooks", {}).get(notebook, {}).get("status") == "finished"
+    return done and (point.run_dir / f"{notebook}.ipynb").exists()
+
+
+def point_status(point: Point, notebooks: tuple[str, ...]) -> str:
+    """finished, failed, interrupted (started, not ended) or pending (never started)."""
+    if all(notebook_done(point, n) for n in notebooks):
+        return "finished"
+    status = _point_record(point).get("status")
+    if status == "failed":
+        return "failed"
+    return "interrupted" if status or (point.run_dir / "run.json").exists() else "pending"
+
+
+def run_point(point: Point, notebooks: tuple[str, ...]) -> str:
+    """Run a point's notebooks that are not done yet; a failure is recorded with its error and returned."""
+    record = {**_point_record(point), "name": point.name, "values": point.values, "status": "running", "error": None}
+    record.setdefault("notebooks", {})
+    for notebook in notebooks:
+        if notebook_done(point, notebook):
+            continue
+        record["notebooks"][notebook] = {"status": "running"}
+        write_json(point.run_dir / POINT_RECORD, record)
+        started = time.perf_counter()
+        try:
+            run_notebook(notebook, point.params, point.run_dir, progress_bar=False)
+        except Exception as error:  # any failure of one point is recorded; the batch goes on
+            message = (f"{notebook}: {error.ename}: {error.evalue}" if hasattr(error, "ename")
+                       else f"{notebook}: {type(error).__name__}: {error}")
+            record["notebooks"][notebook] = {"status": "failed", "seconds": round(time.perf_counter() - started, 1)}
+            write_json(point.run_dir / POINT_RECORD, {**record, "status": "failed", "error": message})
+            log.warning("point %s failed: %s (executed notebook: %s)", point.name, message,
+                        point.run_dir / f"{notebook}.ipynb")
+            return "failed"
+        record["notebooks"][notebook] = {"status": "finished", "seconds": round(time.perf_counter() - started, 1)}
+    write_json(point.run_dir / POINT_RECORD, {**record, "status": "finished"})
+    return "finished"
+
+
+def run_batch(plan: Plan | str | Path, retry_failed: bool = True, out_root: str | Path | None = None) -> BatchResult:
+    """Run every point not finished yet (failed ones too unless retry_failed=False), then write the summary."""
+    from tqdm.auto import tqdm
+
+    plan = plan if isinstance(plan, Plan) else load_plan(plan, out_root)
+    check_notebooks(plan.notebooks)
+    mount_drive_if_needed(str(plan.out_dir))
+    check_recorded_parameters(plan)
+    todo = [p for p in plan.points if point_status(p, plan.notebooks) != "finished"
+            and (retry_failed or point_status(p, plan.notebooks) != "failed")]
+    log.info("batch %s: %d points; %d to run, %d finished%s", plan.name, len(plan.points), len(todo),
+             sum(point_status(p, plan.notebooks) == "finished" for p in plan.points),
+             "" if retry_failed else " (failed points left as they are)")
+    use_offline_hub_when_local([p.config for p in plan.points])
+    _prepare_models(plan, todo)
+    ran, failed, started = [], 0, time.perf_counter()
+    try:
+        with tqdm(todo, desc=f"batch {plan.name}", unit="point", disable=not todo) as bar:
+            for index, point in enumerate(bar, start=1):
+                bar.set_postfix_str(point.name + (f", {failed} failed so far" if failed else ""))
+                status = run_point(point, plan.notebooks)
+                ran.append(point.name)
+                failed += status == "failed"
+                log.info("[%d/%d] %s %s; %d left, %.0f s elapsed", index, len(todo), point.name, status,
+                         len(todo) - index, time.perf_counter() - started)
+    finally:
+        result = write_summary(plan)
+        result.ran = ran
+    return result
+
+
+def check_recorded_parameters(plan: Plan) -> None:
+    """Refuse, before anything runs, a point whose run_dir holds a run made with other parameters (a plan edited
+    since): its results would be reported, or resumed, as this point's."""
+    passed = notebook_parameter_names(NOTEBOOKS / f"{TRAIN}.ipynb") - {"run_dir", "resume", "overwrite", "kit_repo"}
+    for point in plan.points:
+        path = point.run_dir / "run.json"
+        recorded = read_json(path).get("parameters", {}) if path.exists() else {}
+        wanted = point.config.to_dict()
+        changed = {k: (recorded[k], wanted[k]) for k in sorted(passed & recorded.keys() & point.params.keys())
+                   if recorded[k] != wanted[k]}
+        if changed:
+            differences = ", ".join(f"{k} {old!r} there, {new!r} in the plan" for k, (old, new) in changed.items())
+            raise ValueError(f"point {point.name!r}: {_shown(point.run_dir)} holds a run made with other parameters "
+                             f"({differences}); give the plan another name (name: ...) or remove that run_dir")
+
+
+def _prepare_models(plan: Plan, todo: list[Point]) -> None:
+    """Build the offline tiny model once, through the setup notebook, when points to run need it and it is missing."""
+    tiny = PROJECT_ROOT / TINY_MODEL_DIR
+    needed = any(Path(p.config.model_name) == Path(TINY_MODEL_DIR) for p in todo)
+    if needed and not (tiny / "config.json").exists():
+        log.info("building the offline tiny model with 00_setup (once for the batch)")
+        try:
+            params = {**load_profile(plan.profile), "model_name": TINY_MODEL_DIR}
+            run_notebook("00_setup", params, plan.out_dir / "_setup")
+        except Exception as error:  # the points will each say what is missing
+            log.warning("00_setup failed (%s); see %s", getattr(error, "evalue", error), plan.out_dir / "_setup")
+
+
+# --- the comparison -------------------------------------------------------------------------------------------
+
+def summary_rows(plan: Plan) -> list[dict[str, Any]]:
+    """One row per point: the values that vary, status, losses, eval figures when present, speed and memory."""
+    rows = []
+    for point in plan.points:
+        record = read_json(point.run_dir / "run.json") if (point.run_dir / "run.json").exists() else {}
+        metrics = record.get("metrics") or {}
+        log_rows = _train_log(point)
+        losses = [r["loss"] for r in log_rows if r.get("loss") is not None]
+        evaluation = (read_json(point.run_dir / "eval.json").get("tuned") or {}
+                      if (point.run_dir / "eval.json").exists() else {})
+        held_out = [r["eval_loss"] for r in log_rows if r.get("eval_loss") is not None]
+        status = point_status(point, plan.notebooks)
+        rows.append({
+            "point": point.name,
+            **{key: _cell(getattr(point.config, key, None)) for key in plan.varied},
+            "status": status,
+            "final_loss": _round(metrics.get("final_loss", losses[-1] if losses else None), 4),
+            "best_loss": _round(min(losses) if losses else None, 4),
+            "eval_loss": _round(metrics.get("final_eval_loss", held_out[-1] if held_out else None), 4),
+            "tuned_loss": _round(evaluation.get("loss"), 4),
+            "tuned_preference_accuracy": _round(evaluation.get("preference_accuracy"), 3),
+            "runtime_s": _round(metrics.get("train_runtime_s"), 1),
+            "tokens_per_s": _round(metrics.get("tokens_per_s"), 1),
+            "peak_gpu_gib": _round(metrics.get("peak_gpu_reserved_gib"), 2),
+            "peak_rss_gib": _round(metrics.get("peak_rss_gib"), 2),
+            "run_dir": point.params["run_dir"],
+            "error": _point_record(point).get("error") if status == "failed" else None,
+        })
+    return rows
+
+
+OPTIONAL_COLUMNS = ("eval_loss", "tuned_loss", "tuned_preference_accuracy", "peak_gpu_gib", "error")
+# What "best" means, in order of preference: evaluate's held-out loss, the last held-out loss during training,
+# the last training loss.
+RANKED_BY = {"tuned_loss": "held-out loss after training (03_evaluate)", "eval_loss": "held-out loss at the end of "
+             "training", "final_loss": "final training loss"}
+
+
+def summary_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every column, less the optional ones no point has (eval figures, GPU memory, errors)."""
+    return [c for c in rows[0] if c not in OPTIONAL_COLUMNS or any(r[c] is not None for r in rows)] if rows else []
+
+
+def summary_markdown(plan: Plan, rows: list[dict[str, Any]]) -> str:
+    """The comparison as Markdown: counts, the best point, a table, and each failure's error."""
+    columns = [c for c in summary_columns(rows) if c not in ("run_dir", "error")]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "interrupted", "pending")}
+    by = next(c for c in RANKED_BY if c == "final_loss" or any(r[c] is not None for r in rows))
+    scored = [r for r in rows if r["status"] == "finished" and r[by] is not None]
+    lines = [f"## Batch {plan.name}", "",
+             f"Plan `{_shown(plan.path)}`, profile `{plan.profile}`, notebooks {', '.join(plan.notebooks)}; "
+             f"{len(rows)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", ""]
+    if scored:
+        best = min(scored, key=lambda r: r[by])
+        lines += [f"Lowest {RANKED_BY[by]} (`{by}`): **{best['point']}** ({best[by]}).", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]
+    failures = [r for r in rows if r["status"] == "failed"]
+    if failures:
+        lines += ["", "Failed points (the executed notebook in the run_dir shows the traceback):", ""]
+        lines += [f"- **{r['point']}** ({r['run_dir']}): {str(r['error']).splitlines()[0][:300]}" for r in failures]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(plan: Plan) -> BatchResult:
+    """Write summary.csv, summary.md and loss_curves.png into the batch folder (atomically)."""
+    rows = summary_rows(plan)
+    columns = summary_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    summary_csv = atomic_write_text(plan.out_dir / "summary.csv", buffer.getvalue())
+    chart = plot_loss_curves(plan, plan.out_dir / "loss_curves.png")
+    markdown = summary_markdown(plan, rows)
+    summary_md = atomic_write_text(plan.out_dir / "summary.md",
+                                   markdown + "\n![Training loss of every point](loss_curves.png)\n")
+    return BatchResult(plan, rows, markdown, summary_csv, summary_md, chart)
+
+
+def plot_loss_curves(plan: Plan, path: Path) -> Path:
+    """Every point's training loss on one chart (faint raw, solid moving average; eval loss as dots if logged)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    smoothed = held_out = False
+    for point in plan.points:
+        rows = _train_log(point)
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        if not train:
+            continue
+        steps, losses = zip(*train)
+        window = len(losses) // 10 if len(losses) >= 20 else 1  # noisy steps: draw a moving average over them
+        (line,) = ax.plot(steps, _moving_average(losses, window), linewidth=1.8, label=point.name)
+        if window > 1:
+            ax.plot(steps, losses, linewidth=0.8, alpha=0.3, color=line.get_color())
+            smoothed = True
+        evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+        if evals:
+            ax.plot(*zip(*evals), "o--", markersize=4, color=line.get_color())
+            held_out = True
+    handles, labels = ax.get_legend_handles_labels()
+    if held_out:
+        handles.append(Line2D([], [], linestyle="--", marker="o", markersize=4, color="gray"))
+        labels.append("held-out loss (same colour)")
+    if handles:
+        ax.legend(handles, labels, fontsize="small", ncol=2 if len(plan.points) > 8 else 1)
+    else:
+        ax.text(0.5, 0.5, "no point has a training log yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="step", ylabel="loss", title=f"Training loss, batch {plan.name} ({len(plan.points)} points"
+                                               + (", moving average over a tenth of the steps)" if smoothed else ")"))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan before it runs: its points, their values and where each stands now."""
+    lines = [f"**{plan.name}**: profile `{plan.profile}`, {len(plan.points)} points, notebooks "
+             f"{', '.join(plan.notebooks)}, into `{_shown(plan.out_dir)}`", "",
+             "| point | " + " | ".join(plan.varied) + " | now |", "|" + "---|" * (len(plan.varied) + 2)]
+    lines += [f"| {p.name} | " + " | ".join(str(_cell(getattr(p.config, k, None))) for k in plan.varied)
+              + f" | {point_status(p, plan.notebooks)} |" for p in plan.points]
+    return "\n".join(lines) + "\n"
+
+
+def _moving_average(values: tuple[float, ...], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def _train_log(point: Point) -> list[dict[str, Any]]:
+    path = point.run_dir / "train_log.csv"
+    return read_train_log(path) if path.exists() else []
+
+
+def _point_record(point: Point) -> dict[str, Any]:
+    path = point.run_dir / POINT_RECORD
+    return read_json(path) if path.exists() else {}
+
+
+def _cell(value: Any) -> Any:
+    return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _round(value: Any, digits: int) -> Any:
+    return round(value, digits) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def main(argv: list[str] | None = None) -> BatchResult:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", nargs="?", default=RunConfig.batch_plan,
+                        help=f"a plan file or a name in notebooks/plans (default: {RunConfig.batch_plan})")
+    parser.add_argument("--output-dir", help="folder for outputs/<batch>/ (default: the plan's output_dir, or outputs)")
+    parser.add_argument("--skip-failed", action="store_true", help="leave points that failed before; run only new or "
+                        "interrupted ones")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing; rewrite the summary and chart")
+    args = parser.parse_args(argv)
+    package_log = logging.getLogger("helpers")
+    if not package_log.handlers:  # the point-by-point record on the terminal, timestamped
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    plan = load_plan(args.plan, args.output_dir)
+    started = time.perf_counter()
+    with logging_redirect_tqdm(loggers=[logging.getLogger("helpers")]):
+        result = write_summary(plan) if args.summary_only else run_batch(plan, retry_failed=not args.skip_failed)
+    print(f"\n{result.markdown}")
+    print(f"Ran {len(result.ran)} point(s){': ' + ', '.join(result.ran) if result.ran else ''} in "
+          f"{time.perf_counter() - started:.0f} s. Summary: "
+          f"{_shown(result.summary_md)}, {_shown(result.summary_csv)}; chart: {_shown(result.chart)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Exporting a finished run in the formats people deploy (LoRA adapter, merged 16-bit, merged 4-bit, GGUF).
+
+Each format is written into a hidden temporary folder that is renamed to run_dir/export/<format>/ only once it
+is complete, loaded back, and its greedy answer to a fixed prompt compared with the tuned model's; the result
+is recorded in run_dir/export/manifest.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from helpers.model_card import write_model_card
+from helpers.records import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# The order formats are saved in. On the GPU unsloth merges LoRA into the loaded 4-bit weights in place for
+# merged_4bit, so the tuned model in memory is no longer the one the other formats start from: it goes last.
+EXPORT_ORDER = ("lora", "merged_16bit", "gguf", "merged_4bit")
+# unsloth's save_method per format: current unsloth refuses plain "merged_4bit" and asks for the explicit one.
+SAVE_METHODS = {"lora": "lora", "merged_16bit": "merged_16bit", "merged_4bit": "merged_4bit_forced"}
+CHECK_PROMPT = "What's your favorite way to spend a rainy Sunday?"
+CHECK_TOKENS = 32
+
+
+def export_dir(run_dir: str | Path) -> Path:
+    """Where a run's exports go: run_dir/export."""
+    return Path(run_dir) / "export"
+
+
+def greedy_answer(model, tokenizer, config) -> str:
+    """The model's greedy answer to the fixed check prompt, in the run's template."""
+    from helpers.inference import generate
+
+    return generate(model, tokenizer, CHECK_PROMPT, config.prompt_template, CHECK_TOKENS, temperature=0.0,
+                    system_prompt=config.system_prompt)
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of `final` to write into, renamed to `final` only if the block completes.
+
+    An error removes it; a killed process leaves only the hidden `.<name>.tmp`, removed by the next export.
+    """
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def describe_files(folder: Path) -> list[dict[str, Any]]:
+    """Every file under folder: its relative name, size in bytes and SHA-256."""
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        files.append({"name": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size,
+                      "sha256": digest.hexdigest()})
+    return files
+
+
+def llama_cpp_problem() -> str | None:
+    """Why unsloth cannot make GGUF files here (no llama.cpp and no way to fetch it), or None."""
+    from unsloth_zoo.llama_cpp import LLAMA_CPP_DEFAULT_DIR, check_llama_cpp
+
+    folders = (LLAMA_CPP_DEFAULT_DIR, os.path.join(os.getcwd(), "llama.cpp"))
+    for folder in folders:
+        with contextlib.suppress(Exception):
+            check_llama_cpp(llama_cpp_folder=folder)
+            return None
+    offline = any(os.environ.get(name, "").strip().upper() in ("1", "ON", "TRUE", "YES")
+                  for name in ("UNSLOTH_LLAMA_CPP_OFFLINE", "UNSLOTH_OFFLINE"))
+    if not offline:
+        try:
+            socket.create_connection(("github.com", 443), timeout=5).close()
+            return None  # unsloth can fetch or build llama.cpp on first use
+        except OSError:
+            pass
+    return (f"GGUF needs llama.cpp, which is not installed (looked in {' and '.join(folders)}) and cannot be "
+            "fetched or built without network access to github.com. Install and build llama.cpp there (or set "
+            "UNSLOTH_LLAMA_CPP_PATH to a built copy), then run this notebook again with formats=['gguf'].")
+
+
+def _save(export_format: str, model, tokenizer, config, folder: Path) -> None:
+    """Write one format into folder through unsloth's own save methods."""
+    if export_format != "gguf":
+        model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format])
+        if export_format != "lora":
+            _check_merged(folder)
+        return
+    problem = llama_cpp_problem()
+    if problem:
+        raise RuntimeError(problem)
+    staging = folder / "staging"
+    try:
+        result = model.save_pretrained_gguf(str(staging), tokenizer, quantization_method=config.gguf_quantization)
+    except Exception as error:
+        raise RuntimeError(f"unsloth's save_pretrained_gguf failed (it needs llama.cpp, fetched or built on first "
+                           f"use): {error}") from error
+    # The CPU backend returns the paths and writes them into staging; the GPU one returns a dict and writes
+    # them into the sibling staging_gguf. Either way only the GGUF files (and an Ollama Modelfile) are kept.
+    paths = result.get("gguf_files", []) if isinstance(result, dict) else list(result or [])
+    gguf_dir = Path(paths[0]).parent if paths else staging
+    for path in [*map(Path, paths), gguf_dir / "Modelfile"]:
+        if path.is_file():
+            shutil.move(str(path), folder / path.name)
+    for leftover in (staging, Path(f"{staging}_gguf")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not any(folder.glob("*.gguf")):
+        raise RuntimeError(f"unsloth's save_pretrained_gguf wrote no .gguf file (it returned {result!r})")
+
+
+def _check_merged(folder: Path) -> None:
+    """Refuse a 'merged' checkpoint that still holds LoRA layers (a save bound to the bare base model)."""
+    from safetensors import safe_open
+
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as weights:
+            if any(".lora_A." in key or ".base_layer." in key for key in weights.keys()):
+                raise RuntimeError(f"{path.name} holds un-merged LoRA layers; unsloth's merge did not happen")
+
+
+def _reload(export_format: str, folder: Path, config, precision: str):
+    """Load one exported format back as a user would."""
+    from helpers.environment import torch_dtype
+
+    if export_format == "gguf":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name = sorted(folder.glob("*.gguf"))[0].name  # transformers dequantizes it; needs the `gguf` package
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype(precision))
+        return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    from helpers.stack import FastLanguageModel
+
+    load_in_4bit = {"lora": config.load_in_4bit, "merged_16bit": False, "merged_4bit": True}[export_format]
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=config.max_seq_length,
+                                                         dtype=torch_dtype(precision), load_in_4bit=load_in_4bit)
+    FastLanguageModel.for_inference(model)
+    return model, tokenizer
+
+
+def reload_check(export_format: str, folder: Path, config, precision: str, expected: str) -> dict[str, Any]:
+    """Load the export back and compare its greedy answer to the check prompt with the tuned model's."""
+    model = None
+    try:
+        model, tokenizer = _reload(export_format, folder, config, precision)
+        answer = greedy_answer(model, tokenizer, config)
+    except Exception as error:  # recorded, not raised: the files are written, only the check failed
+        log.warning("reloading %s failed: %s", export_format, error)
+        return {"loaded": model is not None, "error": f"{type(error).__name__}: {error}", "same_answer": False}
+    finally:
+        del model
+        _free_memory()
+    return {"loaded": True, "same_answer": answer == expected, "answer": answer, "expected": expected}
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def export_format(export_format: str, model, tokenizer, config, precision: str, expected: str) -> dict[str, Any]:
+    """Save one format through a temporary folder, write its model card, reload and check it; return its record.
+
+    unsloth refusing the format (NotImplementedError) is recorded as 'refused' with its reason, any other
+    error as 'failed'; neither leaves a folder behind.
+    """
+    final = export_dir(config.run_dir) / export_format
+    entry: dict[str, Any] = {"format": export_format, "path": final.relative_to(config.run_dir).as_posix()}
+    if export_format == "gguf":
+        entry["quantization"] = config.gguf_quantization
+    else:
+        entry["save_method"] = SAVE_METHODS[export_format]
+    started = time.perf_counter()
+    try:
+        with staged_folder(final) as folder:
+            _save(export_format, model, tokenizer, config, folder)
+            write_model_card(folder, config, export_format)
+            entry["reload"] = reload_check(export_format, folder, config, precision, expected)
+            entry["files"] = describe_files(folder)
+    except NotImplementedError as error:
+        log.warning("%s refused by unsloth: %s", export_format, error)
+        return {**entry, "status": "refused", "reason": str(error)}
+    except Exception as error:
+        log.warning("%s export failed: %s", export_format, error)
+        reason = str(error) if type(error) is RuntimeError else f"{type(error).__name__}: {error}"
+        return {**entry, "status": "failed", "reason": reason}
+    entry["total_bytes"] = sum(f["bytes"] for f in entry["files"])
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    return {**entry, "status": "ok"}
+
+
+def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
+    """Export every requested format; returns the manifest, rewritten to export/manifest.json after each one.
+
+    Entries of formats exported by an earlier call and not asked for now are kept.
+    """
+    out = export_dir(config.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "manifest.json"
+    manifest = read_json(path) if path.exists() else {"formats": {}}
+    expected = greedy_answer(model, tokenizer, config)
+    manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
+                    check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected})
+    for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
+        log.info("exporting %s", name)
+        manifest["formats"][name] = export_format(name, model, tokenizer, config, precision, expected)
+        manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(path, manifest)
+    return manifest
+
+
+def manifest_markdown(manifest: dict[str, Any]) -> str:
+    """The manifest as a table: status, files, size and the reload check of each format."""
+    rows = ["| format | status | files | size | reloaded | same greedy answer | note |",
+            "|---|---|---|---|---|---|---|"]
+    for name, entry in manifest["formats"].items():
+        reload = entry.get("reload", {})
+        note = entry.get("reason") or reload.get("error") or ""
+        size = f"{entry['total_bytes'] / 2**20:.1f} MiB" if "total_bytes" in entry else ""
+        rows.append(f"| {name} | {entry['status']} | {len(entry.get('files', []))} | {size} | "
+                    f"{reload.get('loaded', '')} | {reload.get('same_answer', '')} | {note.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def check_all_exported(config, manifest: dict[str, Any]) -> None:
+    """Raise, naming each one and why, when a requested format was not exported."""
+    missing = {name: manifest["formats"][name].get("reason", "") for name in config.formats
+               if manifest["formats"].get(name, {}).get("status") != "ok"}
+    if missing:
+        raise RuntimeError("not exported: " + "; ".join(f"{name} ({reason})" for name, reason in missing.items())
+                           + f". The other formats are complete in {export_dir(config.run_dir)}.")

@@ -1,0 +1,180 @@
+"""The model card (README.md) of an export, written from what the run recorded: run.json, and eval.json when present."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from helpers.prompts import format_generation_prompt
+from helpers.records import atomic_write_text, read_json
+
+FORMAT_TITLES = {
+    "lora": "LoRA adapter",
+    "merged_16bit": "merged 16-bit weights",
+    "merged_4bit": "merged 4-bit weights (bitsandbytes)",
+    "gguf": "GGUF for llama.cpp and Ollama",
+}
+USAGE_QUESTION = "What's your favorite way to spend a rainy Sunday?"
+# (key in eval.json, label, digits)
+EVAL_METRICS = (("loss", "loss", 4), ("perplexity", "perplexity", 2), ("preference_accuracy", "preference accuracy", 3),
+                ("mean_margin", "mean margin", 4))
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model or dataset name is a Hub id (owner/name) rather than a local path."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+
+
+def model_source(config, export_format: str) -> str:
+    """Where a user loads this export from: its Hub repo when hub_repo_id is set, else its local folder."""
+    from helpers.hub import repo_for
+
+    if config.hub_repo_id:
+        return repo_for(config.hub_repo_id, export_format)
+    return (Path(config.run_dir) / "export" / export_format).as_posix()
+
+
+def write_model_card(folder: Path, config, export_format: str) -> Path:
+    """Write folder/README.md for one export (and copy the run's loss plot beside it)."""
+    run_dir = Path(config.run_dir)
+    record = read_json(run_dir / "run.json")
+    evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else None
+    has_plot = (run_dir / "loss.png").exists()
+    if has_plot:
+        shutil.copyfile(run_dir / "loss.png", folder / "loss.png")
+    gguf_files = sorted(p.name for p in folder.glob("*.gguf"))
+    text = model_card(record, evaluation, export_format, model_source(config, export_format), has_plot, gguf_files)
+    return atomic_write_text(folder / "README.md", text)
+
+
+def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export_format: str, source: str,
+               has_plot: bool = True, gguf_files: list[str] | None = None) -> str:
+    """The card's Markdown: front matter, what it is, the recipe, training figures, evaluation, usage."""
+    p = record["parameters"]
+    sections = [
+        _front_matter(p, export_format),
+        f"# {_title(source)} ({FORMAT_TITLES[export_format]})\n\n"
+        f"A LoRA fine-tune of `{p['model_name']}` on `{p['dataset']}` (`{p['prompt_field']}` → "
+        f"`{p['response_field']}`), trained with unsloth and trl's `SFTTrainer`. This is the "
+        f"{FORMAT_TITLES[export_format]}.",
+        "## Recipe\n\n" + _table(_recipe(p, record)),
+        "## Training\n\n" + _table(_figures(record)) + ("\n\n![Training loss](loss.png)" if has_plot else ""),
+    ]
+    if evaluation:
+        sections.append(_evaluation(evaluation))
+    sections.append("## Usage\n\n" + _usage(p, export_format, source, gguf_files or []))
+    return "\n\n".join(sections) + "\n"
+
+
+def _front_matter(p: dict[str, Any], export_format: str) -> str:
+    library = {"lora": "peft", "gguf": "gguf"}.get(export_format, "transformers")
+    lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
+    lines += [f"- {tag}" for tag in ("unsloth", "trl", "sft", "lora", *(["gguf"] if export_format == "gguf" else []))]
+    if is_hub_id(p["model_name"]):
+        lines.append(f"base_model: {p['model_name']}")
+    if is_hub_id(p["dataset"]):
+        lines += ["datasets:", f"- {p['dataset']}"]
+    return "\n".join([*lines, "---"])
+
+
+def _recipe(p: dict[str, Any], record: dict[str, Any]) -> list[tuple[str, Any]]:
+    steps = f"{p['max_steps']} steps" if p.get("max_steps") else f"{p['num_train_epochs']} epochs"
+    return [
+        ("base model", f"`{p['model_name']}` ({'4-bit' if p['load_in_4bit'] else 'full'} weights while training)"),
+        ("dataset", f"`{p['dataset']}` (split `{p['dataset_split']}`)"),
+        ("prompt template", p["prompt_template"]),
+        ("LoRA", f"r={p['lora_r']}, alpha={p['lora_alpha']}, dropout={p['lora_dropout']} on "
+                 f"{', '.join(p['target_modules'])}"),
+        ("optimisation", f"{p['optim']}, learning rate {p['learning_rate']} ({p['lr_scheduler_type']}, "
+                         f"{p['warmup_steps']} warm-up steps), weight decay {p['weight_decay']}"),
+        ("batch", f"{p['per_device_train_batch_size']} × {p['gradient_accumulation_steps']} accumulation, {steps}"),
+        ("sequence length", p["max_seq_length"]),
+        ("precision", record.get("precision", p["precision"])),
+        ("seed", p["seed"]),
+    ]
+
+
+def _figures(record: dict[str, Any]) -> list[tuple[str, Any]]:
+    m = record.get("metrics", {})
+    accelerator = record.get("accelerator") or record.get("environment", {}).get("accelerator", {})
+    memory = (f"{m['peak_gpu_reserved_gib']} GiB GPU reserved" if m.get("peak_gpu_reserved_gib") is not None
+              else f"{m.get('peak_rss_gib')} GiB RSS")
+    rows = [
+        ("device", accelerator.get("name", "")),
+        ("steps", m.get("steps")),
+        ("training time", f"{m.get('train_runtime_s')} s"),
+        ("trained tokens", f"{m.get('trained_tokens')} ({m.get('tokens_per_s')} tokens/s)"),
+        ("loss, mean of the first → last tenth of steps",
+         f"{m.get('first_tenth_mean_loss')} → {m.get('last_tenth_mean_loss')}"),
+        ("peak memory", memory),
+    ]
+    if m.get("final_eval_loss") is not None:
+        rows.append(("held-out loss at the end", round(m["final_eval_loss"], 4)))
+    versions = record.get("environment", {}).get("versions", {})
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    return rows
+
+
+def _evaluation(evaluation: dict[str, Any]) -> str:
+    rows = ["| metric | base | tuned |", "|---|---|---|"]
+    for key, label, digits in EVAL_METRICS:
+        base, tuned = evaluation.get("base", {}).get(key), evaluation.get("tuned", {}).get(key)
+        if base is not None or tuned is not None:
+            rows.append(f"| {label} | {_round(base, digits)} | {_round(tuned, digits)} |")
+    return (f"## Evaluation\n\nOn {evaluation.get('rows', '?')} held-out rows, base model (adapter off) against the "
+            "tuned model: loss and perplexity of the preferred responses, how often the preferred response is more "
+            "likely than the rejected one, and the mean margin.\n\n" + "\n".join(rows))
+
+
+def _prompt_code(p: dict[str, Any]) -> str:
+    """Python that builds the prompt exactly as in training: the Alpaca text, or the chat template with the
+    system prompt and the empty think block."""
+    if p["prompt_template"] == "alpaca":
+        return f"prompt = {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
+    system = [{"role": "system", "content": p["system_prompt"]}] if p.get("system_prompt") else []
+    messages = json.dumps([*system, {"role": "user", "content": USAGE_QUESTION}], ensure_ascii=False)
+    return (f"messages = {messages}\n"
+            "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+            "# the empty think block the model was trained with (only for templates that use one)\n"
+            "prompt += \"\\n</think>\\n\\n\" if prompt.endswith(\"<think>\\n\") else \"<think>\\n\\n</think>\\n\\n\"")
+
+
+def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[str]) -> str:
+    prompt = _prompt_code(p)
+    generate = ("inputs = tokenizer([prompt], return_tensors=\"pt\").to(model.device)\n"
+                "output = model.generate(**inputs, max_new_tokens=256, do_sample=False)\n"
+                "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
+    intro = f"The model was trained on prompts in the {p['prompt_template']} template; ask in the same form."
+    if export_format == "lora":
+        note = ("" if is_hub_id(p["model_name"]) else
+                f"\n\nThe base model `{p['model_name']}` is a local folder: it must be present at that path.")
+        code = ("from unsloth import FastLanguageModel\n\n"
+                f"model, tokenizer = FastLanguageModel.from_pretrained(\"{source}\", "
+                f"max_seq_length={p['max_seq_length']}, load_in_4bit={p['load_in_4bit']})\n"
+                "FastLanguageModel.for_inference(model)\n")
+        return f"{intro}{note}\n\n```python\n{code}prompt = {prompt}\n{generate}\n```"
+    if export_format in ("merged_16bit", "merged_4bit"):
+        needs = " (needs `bitsandbytes` and a CUDA GPU)" if export_format == "merged_4bit" else ""
+        code = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{source}\")\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{source}\", dtype=\"auto\", device_map=\"auto\")\n")
+        return f"{intro}{needs}\n\n```python\n{code}{prompt}\n{generate}\n```"
+    file = gguf_files[0] if gguf_files else "<file>.gguf"
+    ask = (f"-p {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
+           if p["prompt_template"] == "alpaca" else "--jinja -cnv  # chat in the model's own template")
+    ollama = (f"`ollama run hf.co/{source}`" if is_hub_id(source)
+              else "`ollama create my-model -f Modelfile` in this folder, then `ollama run my-model`")
+    return f"{intro}\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\nWith Ollama: {ollama}."
+
+def _title(source: str) -> str:
+    """The repository name, or for a local export (run_dir/export/<format>) the run's folder name."""
+    return source.split("/")[1] if is_hub_id(source) else Path(source).parent.parent.name
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    return "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def _round(value: Any, digits: int) -> Any:
+    return round(value, digits) if isinstance(value, float) else ("" if value is None else value)

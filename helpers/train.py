@@ -1,0 +1,83 @@
+"""The training entry point: the training notebook's steps as one call, single- or multi-process.
+
+    python -m helpers.train --profile cpu_tiny -p max_steps 30               # one process (CPU or one GPU)
+    accelerate launch --num_processes 2 -m helpers.train --profile colab_t4  # data-parallel on 2 GPUs
+
+The global batch is what the config asks for on one process (per_device_train_batch_size x
+gradient_accumulation_steps); with N processes the accumulation is divided by N so that it stays the same.
+Only the main process writes run.json, split.json, the log, the plot and the adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
+from helpers import data, modeling, plotting, training
+from helpers.config import RunConfig
+from helpers.records import update_run_record
+
+
+def split_global_batch(per_device: int, accumulation: int, processes: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) on `processes` processes keeping the one-process global batch."""
+    global_batch = per_device * accumulation
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if global_batch % (per_device * processes):
+        raise ValueError(f"the global batch {global_batch} (per_device_train_batch_size {per_device} x "
+                         f"gradient_accumulation_steps {accumulation}) does not split evenly over {processes} "
+                         f"processes; choose an accumulation divisible by {processes}")
+    return per_device, global_batch // (per_device * processes)
+
+
+def run_training(config: RunConfig) -> dict[str, Any] | None:
+    """Check, hold out, format, load, train, record and plot: what 01_train_lora does, in one call.
+    Returns the metrics on the main process, None on the others."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
+                                                  config.gradient_accumulation_steps, state.num_processes)
+    run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
+                                     gradient_accumulation_steps=accumulation)
+    rows = data.load_checked_rows(config)
+    with state.main_process_first():  # the main process checks run_dir and writes run.json and split.json first
+        precision = training.prepare_run(config, main_process=state.is_main_process)
+        train_rows, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
+    tokenizer = modeling.load_tokenizer(config)
+    train_set = data.to_training_set(train_rows, config, tokenizer)
+    eval_set = data.to_training_set(eval_rows, config, tokenizer) if eval_rows else None
+    model, tokenizer = modeling.load_base_model(config, precision)
+    model = modeling.add_lora(model, config)
+    trainer = training.build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
+    metrics = training.train_and_record(trainer, model, tokenizer, config)
+    if metrics is None:
+        return None
+    update_run_record(config.run_dir, distributed={"num_processes": state.num_processes,
+                                                   "per_device_train_batch_size": per_device,
+                                                   "gradient_accumulation_steps": accumulation,
+                                                   "global_batch": per_device * accumulation * state.num_processes})
+    plotting.plot_loss(config.run_dir)
+    return metrics
+
+
+def launch(config: RunConfig, num_processes: int) -> None:
+    """Train from a notebook on num_processes GPUs (accelerate.notebook_launcher); the same outputs as above."""
+    from accelerate import notebook_launcher
+
+    notebook_launcher(run_training, args=(config,), num_processes=num_processes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from helpers.pipeline import add_profile_arguments, profile_parameters
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_profile_arguments(parser)
+    metrics = run_training(RunConfig.from_dict(profile_parameters(parser.parse_args(argv))))
+    if metrics is not None:
+        print(training.summary_line(metrics))
+
+
+if __name__ == "__main__":
+    main()

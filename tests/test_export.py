@@ -1,0 +1,276 @@
+"""Exports of the tiny run: each format written through a temporary folder, reloaded and checked against the tuned
+model's greedy answer, described in a manifest and a model card; the push planned (dry run), pushed through a
+stand-in Hub API, refused without a token; and the token written nowhere."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import papermill
+import pytest
+import torch
+
+from helpers.config import RunConfig
+from helpers.environment import PROJECT_ROOT
+from helpers.export import check_all_exported, export_all, staged_folder
+from helpers.modeling import load_trained_model
+from helpers.hub import TOKEN_HELP, check_push_ready, push_exports
+from helpers.model_card import model_card
+from helpers.pipeline import run_notebook
+from helpers.records import read_json
+from tests.conftest import HF_TOKEN_SENTINEL
+
+REPO = "tester/tiny-export"
+DEFAULT_REPOS = {"lora": f"{REPO}-lora", "merged_16bit": REPO}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run):
+    """tiny_run after the export notebook ran on it: default formats, push_to_hub with dry_run."""
+    run_notebook("04_export", {"run_dir": str(tiny_run), "push_to_hub": True, "hub_repo_id": REPO, "dry_run": True},
+                 tiny_run / "export")
+    return tiny_run
+
+
+def _copy_run(tiny_run: Path, to: Path, with_exports: bool = False) -> Path:
+    """A copy of the run's record, adapter and plot (and exports) to work on without touching tiny_run."""
+    to.mkdir(parents=True)
+    for name in ("run.json", "loss.png"):
+        shutil.copyfile(tiny_run / name, to / name)
+    shutil.copytree(tiny_run / "adapter", to / "adapter")
+    if with_exports:
+        shutil.copytree(tiny_run / "export", to / "export")
+    return to
+
+
+@pytest.mark.notebook
+def test_default_formats_reload_with_the_tuned_models_answer(exported):
+    manifest = read_json(exported / "export/manifest.json")
+    assert set(manifest["formats"]) == {"lora", "merged_16bit"}
+    expected = manifest["check"]["expected_answer"]
+    assert expected.strip(), "the tuned model gave an empty answer; the check would prove nothing"
+    for name, entry in manifest["formats"].items():
+        assert entry["status"] == "ok", entry
+        assert entry["reload"] == {"loaded": True, "same_answer": True, "answer": expected, "expected": expected}
+    assert manifest["formats"]["merged_16bit"]["save_method"] == "merged_16bit"
+
+
+@pytest.mark.notebook
+def test_manifest_lists_every_file_with_its_size_and_checksum(exported):
+    manifest = read_json(exported / "export/manifest.json")
+    for name, entry in manifest["formats"].items():
+        folder = exported / entry["path"]
+        assert folder == exported / "export" / name
+        on_disk = sorted(p.name for p in folder.iterdir())
+        assert [f["name"] for f in entry["files"]] == on_disk
+        for f in entry["files"]:
+            data = (folder / f["name"]).read_bytes()
+            assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["total_bytes"] == sum(f["bytes"] for f in entry["files"])
+    lora = exported / "export/lora"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "loss.png"):
+        assert (lora / name).is_file()
+    merged = exported / "export/merged_16bit"
+    assert read_json(merged / "config.json")["dtype"] in ("bfloat16", "float16")
+    from safetensors import safe_open
+
+    with safe_open(str(merged / "model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+        assert "model.layers.0.self_attn.q_proj.weight" in keys and not any("lora" in k for k in keys)
+        assert weights.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype in (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.notebook
+def test_no_temporary_folder_is_left(exported):
+    assert sorted(p.name for p in (exported / "export").iterdir()) == [
+        "04_export.ipynb", "lora", "manifest.json", "merged_16bit", "push_plan.json"]
+
+
+@pytest.mark.notebook
+def test_each_export_has_a_model_card_from_the_run(exported):
+    params = read_json(exported / "run.json")["parameters"]
+    for name, repo in DEFAULT_REPOS.items():
+        card = (exported / "export" / name / "README.md").read_text()
+        assert card.startswith("---\n") and "library_name: " in card and "- unsloth" in card
+        for text in (params["model_name"], params["dataset"], f"r={params['lora_r']}, alpha={params['lora_alpha']}",
+                     f"{params['max_steps']} steps", "## Training", "![Training loss](loss.png)", "## Usage",
+                     f'from_pretrained("{repo}"', "### Instruction:"):
+            assert text in card, f"{name} card lacks {text!r}"
+        if (exported / "eval.json").exists():  # written by the evaluate notebook when the pipeline runs it
+            tuned = read_json(exported / "eval.json")["tuned"]
+            assert "## Evaluation" in card and f"| {round(tuned['perplexity'], 2)} |" in card
+        else:
+            assert "## Evaluation" not in card
+    assert "FastLanguageModel" in (exported / "export/lora/README.md").read_text()
+    assert "AutoModelForCausalLM" in (exported / "export/merged_16bit/README.md").read_text()
+
+
+@pytest.mark.notebook
+def test_dry_run_push_lists_the_right_files(exported):
+    plan = read_json(exported / "export/push_plan.json")
+    assert plan["dry_run"] is True and plan["token_found"] is True and plan["skipped"] == {} and "pushed" not in plan
+    assert {u["format"]: u["repo_id"] for u in plan["uploads"]} == DEFAULT_REPOS
+    for upload in plan["uploads"]:
+        folder = exported / "export" / upload["format"]
+        assert upload["private"] is True and Path(upload["folder"]) == folder
+        assert upload["files"] == sorted(p.name for p in folder.iterdir())
+    executed = (exported / "export/04_export.ipynb").read_text()
+    assert "Dry run: nothing was uploaded" in executed and REPO in executed
+
+
+@pytest.mark.notebook
+def test_the_token_is_in_no_file_the_export_wrote(exported):
+    searched = 0
+    for root in (exported, PROJECT_ROOT / "outputs"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                searched += 1
+                assert HF_TOKEN_SENTINEL.encode() not in path.read_bytes(), f"token leaked into {path}"
+    assert (exported / "export/04_export.ipynb").is_file() and searched > 20
+
+
+class FakeHub:
+    """Records what a push asks of huggingface_hub.HfApi; repositories exist with the given privacy."""
+
+    def __init__(self, existing: dict[str, bool] | None = None):
+        self.existing, self.calls = existing or {}, []
+
+    def repo_info(self, repo_id, repo_type=None):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.calls.append(("repo_info", repo_id))
+        if repo_id not in self.existing:
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=SimpleNamespace(status_code=404,
+                                                                                          headers={}, request=None))
+        return SimpleNamespace(private=self.existing[repo_id])
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", repo_id, [(op.path_in_repo, op.path_or_fileobj) for op in operations]))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+
+def _push_config(run_dir: Path, **overrides) -> RunConfig:
+    return RunConfig(run_dir=str(run_dir), push_to_hub=True, hub_repo_id=REPO, **overrides)
+
+
+@pytest.mark.notebook
+def test_the_real_push_uploads_exactly_the_dry_runs_plan(exported, tmp_path):
+    run = _copy_run(exported, tmp_path / "run", with_exports=True)
+    manifest = read_json(run / "export/manifest.json")
+    dry = push_exports(_push_config(run, dry_run=True), manifest)
+    hub = FakeHub()
+    pushed = push_exports(_push_config(run), manifest, api=hub)
+    assert pushed["pushed"] is True and read_json(run / "export/push_plan.json")["pushed"] is True
+    created = [c for c in hub.calls if c[0] == "create_repo"]
+    assert [(c[1], c[2]["private"]) for c in created] == [(u["repo_id"], True) for u in dry["uploads"]]
+    commits = {c[1]: c[2] for c in hub.calls if c[0] == "create_commit"}
+    for upload in dry["uploads"]:
+        assert [name for name, _ in commits[upload["repo_id"]]] == upload["files"]
+        assert all(Path(path) == run / "export" / upload["format"] / name for name, path in commits[upload["repo_id"]])
+    assert HF_TOKEN_SENTINEL not in (run / "export/push_plan.json").read_text()
+
+
+@pytest.mark.notebook
+def test_a_repo_with_the_other_privacy_is_refused_before_any_upload(exported, tmp_path):
+    run = _copy_run(exported, tmp_path / "run", with_exports=True)
+    hub = FakeHub(existing={REPO: False})  # public, but private=True is the default
+    with pytest.raises(PermissionError, match="already exists and is public"):
+        push_exports(_push_config(run), read_json(run / "export/manifest.json"), api=hub)
+    assert not [c for c in hub.calls if c[0] in ("create_repo", "create_commit")]
+
+
+def _without_token(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token-file"))  # read by a fresh kernel
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+
+
+def test_push_without_a_token_says_where_to_put_it(monkeypatch, tmp_path):
+    _without_token(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError) as failure:
+        check_push_ready(_push_config(tmp_path))
+    assert str(failure.value) == TOKEN_HELP and "HF_TOKEN" in TOKEN_HELP and "Secrets" in TOKEN_HELP
+    check_push_ready(_push_config(tmp_path, dry_run=True))  # a dry run needs no token
+
+
+@pytest.mark.notebook
+def test_push_without_a_token_stops_the_notebook_before_anything_is_written(tiny_run, monkeypatch, tmp_path):
+    _without_token(monkeypatch, tmp_path)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        run_notebook("04_export", {"run_dir": str(run), "push_to_hub": True, "hub_repo_id": REPO}, tmp_path / "nb")
+    assert "PermissionError" in str(failure.value) and "HF_TOKEN" in str(failure.value)
+    nb = nbformat.read(tmp_path / "nb/04_export.ipynb", as_version=4)
+    loading = next(c for c in nb.cells if "load_trained_model" in c.source)
+    assert loading.execution_count is None, "the model loaded although the push could not happen"
+    assert not (run / "export").exists()
+
+
+@pytest.mark.notebook
+def test_formats_unsloth_cannot_make_here_are_recorded_and_the_others_complete(tiny_run, monkeypatch, tmp_path):
+    import helpers.stack  # noqa: F401  (unsloth before unsloth_zoo)
+    import unsloth_zoo.llama_cpp
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    monkeypatch.setattr(unsloth_zoo.llama_cpp, "LLAMA_CPP_DEFAULT_DIR", str(tmp_path / "no-llama.cpp"))
+    monkeypatch.setenv("UNSLOTH_LLAMA_CPP_OFFLINE", "1")  # as without network: never try to fetch or build it
+    run = _copy_run(tiny_run, tmp_path / "run")
+    params = read_json(run / "run.json")["parameters"]
+    config = RunConfig.from_dict({**params, "run_dir": str(run), "formats": ["gguf", "merged_4bit", "lora"]})
+    model, tokenizer = load_trained_model(config, "fp32", run / "adapter")
+    manifest = export_all(model, tokenizer, config, "fp32")
+    entries = manifest["formats"]
+    assert entries["lora"]["status"] == "ok" and entries["lora"]["reload"]["same_answer"] is True
+    assert entries["gguf"]["status"] == "failed" and entries["gguf"]["quantization"] == "q4_k_m"
+    assert "llama.cpp" in entries["gguf"]["reason"] and "network" in entries["gguf"]["reason"]
+    if not torch.cuda.is_available():  # unsloth's CPU backend does not merge into 4-bit weights
+        assert entries["merged_4bit"]["status"] == "refused"
+        assert "merged_4bit_forced" in entries["merged_4bit"]["reason"] and "CPU" in entries["merged_4bit"]["reason"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["lora", "manifest.json"]
+    assert read_json(run / "export/manifest.json") == manifest
+    with pytest.raises(RuntimeError, match="not exported: .*gguf .*llama.cpp"):
+        check_all_exported(config, manifest)
+
+
+def test_an_interrupted_export_never_leaves_a_folder_that_looks_complete(tmp_path):
+    final = tmp_path / "export/lora"
+    final.mkdir(parents=True)
+    (final / "adapter_model.safetensors").write_text("the earlier, complete export")
+    with pytest.raises(KeyboardInterrupt), staged_folder(final) as folder:
+        (folder / "adapter_model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in final.parent.iterdir()) == ["lora"]
+    assert (final / "adapter_model.safetensors").read_text() == "the earlier, complete export"
+    (final.parent / ".lora.tmp").mkdir()  # what a killed process leaves behind
+    (final.parent / ".lora.tmp/adapter_model.safetensors").write_text("torn")
+    with staged_folder(final) as folder:
+        assert list(folder.iterdir()) == []
+        (folder / "adapter_model.safetensors").write_text("new")
+    assert sorted(p.name for p in final.parent.iterdir()) == ["lora"]
+    assert (final / "adapter_model.safetensors").read_text() == "new"
+
+
+def test_the_model_card_shows_the_evaluation_when_there_is_one():
+    record = {"parameters": RunConfig().to_dict(), "precision": "fp16",
+              "metrics": {"steps": 120, "train_runtime_s": 600.0, "trained_tokens": 9000, "tokens_per_s": 15.0,
+                          "first_tenth_mean_loss": 2.1, "last_tenth_mean_loss": 1.4, "peak_gpu_reserved_gib": 7.4},
+              "accelerator": {"name": "Tesla T4"}}
+    evaluation = {"rows": 50,
+                  "base": {"loss": 2.5, "perplexity": 12.18, "preference_accuracy": 0.4, "mean_margin": -0.1},
+                  "tuned": {"loss": 1.9, "perplexity": 6.69, "preference_accuracy": 0.72, "mean_margin": 0.35}}
+    card = model_card(record, evaluation, "gguf", "me/model-GGUF", gguf_files=["model.Q4_K_M.gguf"])
+    assert "base_model: unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit" in card
+    assert "datasets:\n- HumanLLMs/Human-Like-DPO-Dataset" in card and "Tesla T4" in card and "7.4 GiB GPU" in card
+    assert "## Evaluation" in card and "On 50 held-out rows" in card
+    assert "| perplexity | 12.18 | 6.69 |" in card and "| preference accuracy | 0.4 | 0.72 |" in card
+    assert "llama-cli -m model.Q4_K_M.gguf" in card and "ollama run hf.co/me/model-GGUF" in card
+    assert "## Evaluation" not in model_card(record, None, "lora", "me/model-lora")

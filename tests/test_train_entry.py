@@ -1,0 +1,38 @@
+"""The training entry point: global-batch arithmetic, and a single-process run through `accelerate launch`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers.records import read_json, read_train_log
+from helpers.train import split_global_batch
+
+
+@pytest.mark.parametrize("processes, expected", [(1, (2, 4)), (2, (2, 2)), (4, (2, 1))])
+def test_the_global_batch_is_kept_across_processes(processes, expected):
+    per_device, accumulation = split_global_batch(2, 4, processes)
+    assert (per_device, accumulation) == expected
+    assert per_device * accumulation * processes == 8
+
+
+def test_a_global_batch_that_does_not_split_is_an_error():
+    with pytest.raises(ValueError, match=r"global batch 8 .* does not split evenly over 3 processes"):
+        split_global_batch(2, 4, 3)
+
+
+@pytest.mark.notebook
+def test_accelerate_launch_runs_the_entry_point_single_process(tiny_run, tmp_path):
+    run_dir = tmp_path / "launched"
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                    "-m", "helpers.train", "--profile", "cpu_tiny", "-p", "run_dir", str(run_dir)],
+                   check=True, capture_output=True)
+    record = read_json(run_dir / "run.json")
+    assert record["status"] == "finished"
+    assert record["distributed"] == {"num_processes": 1, "per_device_train_batch_size": 2,
+                                     "gradient_accumulation_steps": 4, "global_batch": 8}
+    assert (run_dir / "adapter/adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
+    # the same figures as the notebook path: same seed, same data, same steps
+    assert (run_dir / "train_log.csv").read_text() == (tiny_run / "train_log.csv").read_text()
+    assert len(read_train_log(run_dir / "train_log.csv")) == 120
