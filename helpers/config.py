@@ -75,6 +75,7 @@ class RunConfig:
     report_to: str = "none"
     packing: bool = False
     run_dir: str = "outputs/lora-run"
+    num_processes: int = 1
     # reliability
     save_steps: int = 20
     save_total_limit: int = 2
@@ -105,7 +106,7 @@ class RunConfig:
             setattr(self, f.name, _check_type(f.name, getattr(self, f.name), _field_types()[f.name]))
         for name in ("max_seq_length", "lora_r", "lora_alpha", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "max_new_tokens", "save_steps",
-                     "save_total_limit", "eval_steps", "max_eval_rows"):
+                     "save_total_limit", "eval_steps", "max_eval_rows", "num_processes"):
             _require(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
         if self.max_steps is not None:
             _require("max_steps", self.max_steps, self.max_steps > 0, "a positive integer, or None to train by epochs")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from helpers.stack import FastLanguageModel
 from helpers.environment import torch_dtype
+from helpers.reliability import check_model_source
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def load_tokenizer(config):
     """The model's tokenizer alone (fast: used to check and format the data before the model loads)."""
     from transformers import AutoTokenizer
 
+    check_model_source(config.model_name)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name)
     if tokenizer.eos_token is None:
         raise ValueError(f"the tokenizer of {config.model_name!r} has no EOS token; generation could never stop")

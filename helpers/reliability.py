@@ -72,8 +72,9 @@ def is_complete_checkpoint(path: Path) -> bool:
     return state.get("global_step") == int(match.group(1))
 
 
-def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; incomplete newer ones (a crash while saving) are removed."""
+def latest_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool = False) -> Path | None:
+    """The newest complete checkpoint. With remove_incomplete (only when about to resume, never while a run may
+    be saving), newer incomplete ones, left by a crash while saving, are deleted."""
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
         return None
@@ -82,8 +83,9 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     for path in candidates:
         if is_complete_checkpoint(path):
             return path
-        log.warning("removing incomplete checkpoint %s", path)
-        shutil.rmtree(path)
+        if remove_incomplete:
+            log.warning("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path)
     return None
 
 

@@ -1,7 +1,10 @@
-"""The training entry point: the training notebook's steps as one call, single- or multi-process.
+"""The training entry point, used by the training notebook and the command line, single- or multi-process.
 
     python -m helpers.train --profile cpu_tiny -p max_steps 30               # one process (CPU or one GPU)
     accelerate launch --num_processes 2 -m helpers.train --profile colab_t4  # data-parallel on 2 GPUs
+
+From a notebook, train(config) runs in the kernel, or on config.num_processes GPUs through accelerate's
+notebook_launcher.
 
 The global batch is what the config asks for on one process (per_device_train_batch_size x
 gradient_accumulation_steps); with N processes the accumulation is divided by N so that it stays the same.
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
 from helpers import data, modeling, plotting, training
 from helpers.config import RunConfig
-from helpers.records import update_run_record
+from helpers.records import read_json, update_run_record
 
 
 def split_global_batch(per_device: int, accumulation: int, processes: int) -> tuple[int, int]:
@@ -32,7 +36,7 @@ def split_global_batch(per_device: int, accumulation: int, processes: int) -> tu
 
 
 def run_training(config: RunConfig) -> dict[str, Any] | None:
-    """Check, hold out, format, load, train, record and plot: what 01_train_lora does, in one call.
+    """Check, hold out, format, load, train and record, in this process (one of N under accelerate).
     Returns the metrics on the main process, None on the others."""
     from accelerate import PartialState
 
@@ -58,15 +62,18 @@ def run_training(config: RunConfig) -> dict[str, Any] | None:
                                                    "per_device_train_batch_size": per_device,
                                                    "gradient_accumulation_steps": accumulation,
                                                    "global_batch": per_device * accumulation * state.num_processes})
-    plotting.plot_loss(config.run_dir)
     return metrics
 
 
-def launch(config: RunConfig, num_processes: int) -> None:
-    """Train from a notebook on num_processes GPUs (accelerate.notebook_launcher); the same outputs as above."""
+def train(config: RunConfig) -> dict[str, Any]:
+    """Train from a notebook: in this kernel, or on config.num_processes GPUs (accelerate's notebook_launcher,
+    which needs a kernel where CUDA has not been touched yet). Returns the run's metrics."""
+    if config.num_processes == 1:
+        return run_training(config)
     from accelerate import notebook_launcher
 
-    notebook_launcher(run_training, args=(config,), num_processes=num_processes)
+    notebook_launcher(run_training, args=(config,), num_processes=config.num_processes)
+    return read_json(Path(config.run_dir) / "run.json")["metrics"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_profile_arguments(parser)
-    metrics = run_training(RunConfig.from_dict(profile_parameters(parser.parse_args(argv))))
+    config = RunConfig.from_dict(profile_parameters(parser.parse_args(argv)))
+    metrics = run_training(config)
     if metrics is not None:
+        plotting.plot_loss(config.run_dir)
         print(training.summary_line(metrics))
 
 

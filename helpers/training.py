@@ -108,7 +108,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
     import torch
 
     run_dir = Path(config.run_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.resume == "auto" else None
+    checkpoint = latest_checkpoint(run_dir / "checkpoints", remove_incomplete=True) if config.resume == "auto" else None
     tokens_before = checkpoint_tokens(checkpoint)  # read now: rotation may delete the checkpoint while training
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)

@@ -15,6 +15,17 @@ os.environ["HF_TOKEN"] = HF_TOKEN_SENTINEL
 import helpers.stack  # noqa: E402,F401  (unsloth before any test imports transformers, as in the notebooks)
 
 
+def assert_token_in_no_file(*roots) -> int:
+    """Fail naming the file if any file under roots holds the session's token; return how many were searched."""
+    searched = 0
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file():
+                searched += 1
+                assert HF_TOKEN_SENTINEL.encode() not in path.read_bytes(), f"token leaked into {path}"
+    return searched
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """run_dir of setup -> train -> inference executed through papermill on the cpu_tiny profile."""

@@ -21,7 +21,7 @@ from helpers.hub import TOKEN_HELP, check_push_ready, push_exports
 from helpers.model_card import model_card
 from helpers.pipeline import run_notebook
 from helpers.records import read_json
-from tests.conftest import HF_TOKEN_SENTINEL
+from tests.conftest import HF_TOKEN_SENTINEL, assert_token_in_no_file
 
 REPO = "tester/tiny-export"
 DEFAULT_REPOS = {"lora": f"{REPO}-lora", "merged_16bit": REPO}
@@ -123,12 +123,7 @@ def test_dry_run_push_lists_the_right_files(exported):
 
 @pytest.mark.notebook
 def test_the_token_is_in_no_file_the_export_wrote(exported):
-    searched = 0
-    for root in (exported, PROJECT_ROOT / "outputs"):
-        for path in root.rglob("*"):
-            if path.is_file():
-                searched += 1
-                assert HF_TOKEN_SENTINEL.encode() not in path.read_bytes(), f"token leaked into {path}"
+    searched = assert_token_in_no_file(exported, PROJECT_ROOT / "outputs")
     assert (exported / "export/04_export.ipynb").is_file() and searched > 20
 
 

@@ -98,8 +98,8 @@ def _failed_before_model_load(tmp_path, params):
     with pytest.raises(papermill.PapermillExecutionError) as failure:
         run_notebook("01_train_lora", {**TINY, "run_dir": str(tmp_path / "run"), **params}, tmp_path)
     nb = nbformat.read(tmp_path / "01_train_lora.ipynb", as_version=4)
-    loading = next(c for c in nb.cells if "load_base_model" in c.source)
-    assert loading.execution_count is None, "the model cell ran although the input was bad"
+    training = next(c for c in nb.cells if "helpers.train.train(" in c.source)
+    assert training.execution_count is None, "the training cell ran although the input was bad"
     return str(failure.value)
 
 
@@ -131,8 +131,9 @@ def test_chat_template_with_response_only_loss_runs_train_inference_and_evaluati
     assert record["parameters"]["prompt_template"] == "chat" and record["parameters"]["train_on_responses_only"]
     rows = read_train_log(chat_run / "train_log.csv")
     assert len([r for r in rows if r["loss"] is not None]) == TINY["max_steps"]
-    train_nb = (chat_run / "01_train_lora.ipynb").read_text()
-    assert "Answer like a warm friend.<｜User｜>" in train_nb and "<think>\\n\\n</think>" in train_nb
+    nb = nbformat.read(chat_run / "01_train_lora.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Answer like a warm friend.<｜User｜>What's your favorite season?<｜Assistant｜><think>\n\n</think>\n\n" in printed
     generations = [json.loads(line) for line in (chat_run / "generations.jsonl").read_text().splitlines()]
     assert [g["prompt"] for g in generations] == DEFAULT_PROMPTS
     report = read_json(chat_run / "eval.json")

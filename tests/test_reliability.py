@@ -34,11 +34,13 @@ def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
     return path
 
 
-def test_latest_checkpoint_skips_and_removes_an_incomplete_newer_one(tmp_path):
+def test_latest_checkpoint_skips_an_incomplete_newer_one_and_removes_it_only_when_asked(tmp_path):
     _checkpoint(tmp_path, 20)
     good = _checkpoint(tmp_path, 40)
     torn = _checkpoint(tmp_path, 60, complete=False)
     assert latest_checkpoint(tmp_path) == good
+    assert torn.exists(), "a checkpoint being written must not be removed by a look"
+    assert latest_checkpoint(tmp_path, remove_incomplete=True) == good
     assert not torn.exists()
     assert latest_checkpoint(tmp_path / "missing") is None
 
@@ -146,6 +148,28 @@ def test_same_seed_and_parameters_give_an_identical_training_log(tiny_run, tmp_p
 
 
 @pytest.mark.notebook
-def test_a_finished_run_dir_stops_the_training_notebook(tiny_run):
-    result = subprocess.run(_train_command(tiny_run), capture_output=True, text=True)
+def test_a_finished_run_dir_stops_the_training_notebook(tiny_run, tmp_path):
+    finished = tmp_path / "finished"  # a copy of the finished run's record: the shared run stays untouched
+    finished.mkdir()
+    (finished / "run.json").write_bytes((tiny_run / "run.json").read_bytes())
+    result = subprocess.run(_train_command(finished), capture_output=True, text=True)
     assert result.returncode != 0 and "holds a finished run" in result.stderr + result.stdout
+    assert json.loads((finished / "run.json").read_text())["status"] == "finished"
+
+
+def test_out_of_memory_during_training_is_reported_with_advice_and_recorded(tmp_path):
+    import torch
+
+    from helpers.training import train_and_record
+
+    class OutOfMemoryTrainer:
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def is_world_process_zero(self):
+            return True
+
+    config = RunConfig(run_dir=str(tmp_path), per_device_train_batch_size=8)
+    with pytest.raises(RuntimeError, match=r"CUDA ran out of memory.*per_device_train_batch_size \(now 8\)"):
+        train_and_record(OutOfMemoryTrainer(), None, None, config)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"

@@ -4,17 +4,11 @@ from __future__ import annotations
 import pytest
 
 from helpers.environment import PROJECT_ROOT
-from tests.conftest import HF_TOKEN_SENTINEL
+from tests.conftest import assert_token_in_no_file
 
 
 @pytest.mark.notebook
 def test_the_token_is_in_no_file_a_run_wrote(tiny_run):
-    searched = 0
-    for root in (tiny_run, PROJECT_ROOT / "outputs"):
-        for path in root.rglob("*"):
-            if path.is_file():
-                searched += 1
-                assert HF_TOKEN_SENTINEL.encode() not in path.read_bytes(), f"token leaked into {path}"
-    assert searched > 10
+    assert assert_token_in_no_file(tiny_run, PROJECT_ROOT / "outputs") > 10
     setup = (tiny_run / "00_setup.ipynb").read_text()
     assert "hf_token_present | True" in setup, "the setup notebook should say a token is present"
