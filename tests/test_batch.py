@@ -15,6 +15,7 @@ from helpers.batch import load_plan, main, run_batch, write_summary
 from helpers.batch_plan import PLANS, TRAIN, expand, point_name
 from helpers.config import RunConfig
 from helpers.pipeline import run_notebook
+from tests.conftest import assert_token_in_no_file
 from helpers.records import update_run_record, write_json, write_train_log
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -226,3 +227,4 @@ def test_offline_plan_runs_records_a_broken_point_and_a_second_run_runs_nothing_
     table = "| lr0.005_r8 | 0.005 | 8 | helpers/data/sample_dpo.jsonl | finished |"
     assert any(table in d.get("text/markdown", "") for d in shown), "the notebook shows the summary table inline"
     assert json.loads((result.plan.out_dir / "data-file" / "batch_point.json").read_text())["status"] == "failed"
+    assert assert_token_in_no_file(tmp_path) > 10, "the Hub token leaked into a batch file"
