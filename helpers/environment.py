@@ -130,11 +130,13 @@ def mount_drive_if_needed(run_dir: str) -> None:
 
 
 def install_requirements() -> None:
-    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere)."""
+    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere). Colab's own torch and
+    torchvision are kept: they are built for the CUDA driver of Colab's machines."""
     if not in_colab():
         return
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(PROJECT_ROOT / "requirements.txt"),
-                    "-e", str(PROJECT_ROOT)], check=True)
+    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
+    wanted = [line for line in lines if line.strip() and not line.startswith(("#", "torch==", "torchvision=="))]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *wanted, "-e", str(PROJECT_ROOT)], check=True)
 
 
 def use_project_root() -> Path:
