@@ -87,6 +87,8 @@ def test_executed_training_notebook_shows_the_loss_plot(tiny_run):
     nb = nbformat.read(tiny_run / "01_train_lora.ipynb", as_version=4)
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"{TINY['max_steps']} steps in" in printed and "tokens/s" in printed and "peak RSS" in printed
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "run_dir" in injected[0].source
 
