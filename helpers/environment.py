@@ -65,7 +65,7 @@ def device_report() -> dict:
     return {
         "device": "cuda",
         "name": props.name,
-        "total_memory_gib": round(props.total_memory / 2**30, 2),
+        "total_memory_gib": round(gpu_total_gib(), 2),
         "compute_capability": f"{props.major}.{props.minor}",
         "bf16_supported": torch.cuda.is_bf16_supported(),
         "cuda": torch.version.cuda,
@@ -157,13 +157,19 @@ def report_markdown(report: dict) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def gpu_total_gib() -> float:
+    """Total memory of the first CUDA device in GiB."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
 def cap_gpu_memory(gib: float) -> None:
     """Limit this process's share of GPU memory to gib (0: no cap), e.g. 15 to stand in for a Colab T4."""
     import torch
 
     if gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / gpu_total_gib()))
 
 
 def reset_peak_memory() -> None:
@@ -181,7 +187,7 @@ def peak_memory() -> dict[str, float]:
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     peaks = {"peak_rss_gib": round(rss_kib / 2**20, 3)}
     if torch.cuda.is_available():
-        peaks["gpu_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+        peaks["gpu_total_gib"] = round(gpu_total_gib(), 2)
         peaks["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         peaks["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return peaks

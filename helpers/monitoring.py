@@ -6,6 +6,8 @@ import time
 import helpers.stack  # noqa: F401  (unsloth before transformers)
 from transformers import TrainerCallback
 
+from helpers.environment import gpu_total_gib
+
 
 def should_redraw(interactive: bool, step: int, every: int, last_step: int) -> bool:
     """Redraw only for a watcher (never headless), every `every` steps, and always on the last step."""
@@ -18,7 +20,7 @@ def gpu_memory_gib() -> tuple[float, float] | None:
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.max_memory_reserved() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+    return torch.cuda.max_memory_reserved() / 2**30, gpu_total_gib()
 
 
 def progress_title(step: int, max_steps: int, elapsed: float, memory: tuple[float, float] | None) -> str:

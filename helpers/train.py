@@ -35,9 +35,10 @@ def split_global_batch(per_device: int, accumulation: int, processes: int) -> tu
     return per_device, global_batch // (per_device * processes)
 
 
-def run_training(config: RunConfig) -> dict[str, Any] | None:
-    """Check, hold out, format, load, train and record, in this process (one of N under accelerate).
-    Returns the metrics on the main process, None on the others."""
+def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Check, hold out, format, load, train and record, in this process (one of N under accelerate); `rows`
+    are the checked dataset rows when the caller has them already. Returns the metrics on the main process,
+    None on the others."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -45,7 +46,7 @@ def run_training(config: RunConfig) -> dict[str, Any] | None:
                                                   config.gradient_accumulation_steps, state.num_processes)
     run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
                                      gradient_accumulation_steps=accumulation)
-    rows = data.load_checked_rows(config)
+    rows = data.load_checked_rows(config) if rows is None else rows
     with state.main_process_first():  # the main process checks run_dir and writes run.json and split.json first
         precision = training.prepare_run(config, main_process=state.is_main_process)
         train_rows, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
@@ -65,14 +66,14 @@ def run_training(config: RunConfig) -> dict[str, Any] | None:
     return metrics
 
 
-def train(config: RunConfig) -> dict[str, Any]:
+def train(config: RunConfig, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train from a notebook: in this kernel, or on config.num_processes GPUs (accelerate's notebook_launcher,
     which needs a kernel where CUDA has not been touched yet). Returns the run's metrics."""
     if config.num_processes == 1:
-        return run_training(config)
+        return run_training(config, rows)
     from accelerate import notebook_launcher
 
-    notebook_launcher(run_training, args=(config,), num_processes=config.num_processes)
+    notebook_launcher(run_training, args=(config, rows), num_processes=config.num_processes)
     return read_json(Path(config.run_dir) / "run.json")["metrics"]
 
 

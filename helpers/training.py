@@ -69,8 +69,8 @@ def sft_config(config, precision: str, with_eval: bool = False):
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
-    """An SFTTrainer over the formatted rows (a `text` column), watched by the live plot and the loss guard;
-    with an eval_set, the held-out loss is logged every eval_steps."""
+    """An SFTTrainer over the formatted rows (`prompt` and `completion` columns), watched by the live plot and
+    the loss guard; with an eval_set, the held-out loss is logged every eval_steps."""
     from trl import SFTTrainer
 
     if config.report_to == "tensorboard":
