@@ -111,12 +111,25 @@ def test_shipped_plans_are_valid():
 
 # --- the runner, with notebooks faked (fast) -------------------------------------------------------------------
 
+@pytest.fixture
+def project_root(tmp_path, monkeypatch):
+    """A project root of the test's own, without the offline tiny model until the faked setup notebook builds it."""
+    root = tmp_path / "project"
+    monkeypatch.setattr(helpers.batch, "PROJECT_ROOT", root)
+    return root
+
+
 def fake_notebooks(calls: list):
     """Stands in for run_notebook: records the call, 'trains' by writing what the training notebook writes."""
     def run(name, params, out_dir, progress_bar=True):
         calls.append((name, out_dir.name))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.ipynb").write_text("{}")
+        if name == "00_setup":
+            model = helpers.batch.PROJECT_ROOT / params["model_name"]
+            model.mkdir(parents=True)
+            (model / "config.json").write_text("{}")
+            return
         if not Path(params["dataset"]).exists():
             raise FileNotFoundError(f"dataset file {params['dataset']!r} does not exist")
         if name == TRAIN:
@@ -128,12 +141,13 @@ def fake_notebooks(calls: list):
     return run
 
 
-def test_failures_are_recorded_finished_points_skipped_the_rest_rerun(tmp_path, monkeypatch):
+def test_failures_are_recorded_finished_points_skipped_the_rest_rerun(tmp_path, monkeypatch, project_root):
     calls = []
     monkeypatch.setattr(helpers.batch, "run_notebook", fake_notebooks(calls))
     plan = write_plan(tmp_path, grid={"learning_rate": [0.01, 0.02]}, points=[BROKEN])
     result = run_batch(plan)
     assert result.ran == ["lr0.01", "lr0.02", "data-file"]
+    assert calls[0] == ("00_setup", "_setup") and [c for c, _ in calls].count("00_setup") == 1  # built once, first
     rows = read_summary(result)
     assert {k: r["status"] for k, r in rows.items()} == {"lr0.01": "finished", "lr0.02": "finished",
                                                          "data-file": "failed"}
@@ -150,7 +164,7 @@ def test_failures_are_recorded_finished_points_skipped_the_rest_rerun(tmp_path, 
     assert run_batch(plan, retry_failed=False).ran == ["lr0.01"] and calls == [(TRAIN, "lr0.01")]
 
 
-def test_a_plan_edited_after_its_runs_is_refused_before_anything_runs(tmp_path, monkeypatch):
+def test_a_plan_edited_after_its_runs_is_refused_before_anything_runs(tmp_path, monkeypatch, project_root):
     calls = []
     monkeypatch.setattr(helpers.batch, "run_notebook", fake_notebooks(calls))
     run_batch(write_plan(tmp_path, fixed={"max_steps": 5}, grid={"lora_r": [8]}))
@@ -160,7 +174,7 @@ def test_a_plan_edited_after_its_runs_is_refused_before_anything_runs(tmp_path, 
     assert calls == []
 
 
-def test_summary_has_eval_figures_when_present_and_extra_log_columns_are_tolerated(tmp_path, monkeypatch):
+def test_summary_has_eval_figures_when_present_and_extra_log_columns_are_tolerated(tmp_path, monkeypatch, project_root):
     monkeypatch.setattr(helpers.batch, "run_notebook", fake_notebooks([]))
     plan = load_plan(write_plan(tmp_path, grid={"learning_rate": [0.01, 0.02]}))
     run_batch(plan)
@@ -178,7 +192,7 @@ def test_summary_has_eval_figures_when_present_and_extra_log_columns_are_tolerat
     assert result.chart.read_bytes()[:8] == PNG
 
 
-def test_command_line_runs_the_plan_and_prints_the_comparison(tmp_path, monkeypatch, capsys):
+def test_command_line_runs_the_plan_and_prints_the_comparison(tmp_path, monkeypatch, capsys, project_root):
     package_log = logging.getLogger("helpers")
     monkeypatch.setattr(package_log, "handlers", [])  # main adds its terminal handler; dropped after the test
     monkeypatch.setattr(package_log, "level", package_log.level)
