@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Written by the Trainer for every checkpoint; trainer_state.json comes last, so its presence marks completion.
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
-RUN_FILES = ("adapter", "checkpoints", "train_log.csv", "loss.png", "run.json", "generations.jsonl")
+RUN_FILES = ("adapter", "checkpoints", "train_log.csv", "loss.png", "run.json", "split.json", "generations.jsonl",
+             "eval.json", "eval.md", "eval.png", "export")
 
 
 class RunExistsError(RuntimeError):
