@@ -52,11 +52,14 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export
                has_plot: bool = True, gguf_files: list[str] | None = None) -> str:
     """The card's Markdown: front matter, what it is, the recipe, training figures, evaluation, usage."""
     p = record["parameters"]
+    dpo = record.get("stage") == "dpo"
+    how = (f"preference-tuned (DPO: `{p['response_field']}` over `{p['rejected_field']}`) with unsloth and trl's "
+           f"`DPOTrainer`" + (", continuing an SFT adapter" if p.get("sft_run_dir") else "") if dpo else
+           f"(`{p['prompt_field']}` → `{p['response_field']}`), trained with unsloth and trl's `SFTTrainer`")
     sections = [
-        _front_matter(p, export_format),
+        _front_matter(p, export_format, dpo),
         f"# {_title(source)} ({FORMAT_TITLES[export_format]})\n\n"
-        f"A LoRA fine-tune of `{p['model_name']}` on `{p['dataset']}` (`{p['prompt_field']}` → "
-        f"`{p['response_field']}`), trained with unsloth and trl's `SFTTrainer`. This is the "
+        f"A LoRA fine-tune of `{p['model_name']}` on `{p['dataset']}` {how}. This is the "
         f"{FORMAT_TITLES[export_format]}.",
         "## Recipe\n\n" + _table(_recipe(p, record)),
         "## Training\n\n" + _table(_figures(record)) + ("\n\n![Training loss](loss.png)" if has_plot else ""),
@@ -67,10 +70,11 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export
     return "\n\n".join(sections) + "\n"
 
 
-def _front_matter(p: dict[str, Any], export_format: str) -> str:
+def _front_matter(p: dict[str, Any], export_format: str, dpo: bool = False) -> str:
     library = {"lora": "peft", "gguf": "gguf"}.get(export_format, "transformers")
     lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
-    lines += [f"- {tag}" for tag in ("unsloth", "trl", "sft", "lora", *(["gguf"] if export_format == "gguf" else []))]
+    tags = ("unsloth", "trl", "dpo" if dpo else "sft", "lora", *(["gguf"] if export_format == "gguf" else []))
+    lines += [f"- {tag}" for tag in tags]
     if is_hub_id(p["model_name"]):
         lines.append(f"base_model: {p['model_name']}")
     if is_hub_id(p["dataset"]):
@@ -92,6 +96,8 @@ def _recipe(p: dict[str, Any], record: dict[str, Any]) -> list[tuple[str, Any]]:
         ("sequence length", p["max_seq_length"]),
         ("precision", record.get("precision", p["precision"])),
         ("seed", p["seed"]),
+        *([("preference tuning", f"DPO, loss {p['loss_type']}, beta {p['beta']}, reference: {record.get('reference')}")]
+          if record.get("stage") == "dpo" else []),
     ]
 
 

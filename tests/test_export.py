@@ -269,3 +269,14 @@ def test_the_model_card_shows_the_evaluation_when_there_is_one():
     assert "| perplexity | 12.18 | 6.69 |" in card and "| preference accuracy | 0.4 | 0.72 |" in card
     assert "llama-cli -m model.Q4_K_M.gguf" in card and "ollama run hf.co/me/model-GGUF" in card
     assert "## Evaluation" not in model_card(record, None, "lora", "me/model-lora")
+
+
+def test_the_model_card_of_a_dpo_run_says_how_it_was_tuned():
+    params = {**RunConfig().to_dict(), "sft_run_dir": "outputs/lora-run", "beta": 0.2}
+    record = {"parameters": params, "stage": "dpo", "reference": "the base model, adapter disabled", "metrics": {}}
+    card = model_card(record, None, "lora", "me/model-lora")
+    assert "- dpo\n" in card and "- sft\n" not in card
+    assert "trl's `DPOTrainer`, continuing an SFT adapter" in card and "SFTTrainer" not in card
+    assert "| preference tuning | DPO, loss sigmoid, beta 0.2, reference: the base model, adapter disabled |" in card
+    sft = model_card({**record, "stage": None, "parameters": RunConfig().to_dict()}, None, "lora", "me/model-lora")
+    assert "- sft\n" in sft and "SFTTrainer" in sft and "preference tuning" not in sft
