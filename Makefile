@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo test test-fast batch venv clean-outputs
+.PHONY: demo dpo-demo test test-fast batch venv clean-outputs
 .DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt pyproject.toml
@@ -20,6 +20,16 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m helpers.pipeline
+
+# Offline preference tuning: a short SFT run of the tiny model, DPO continuing it, then base / SFT / SFT+DPO
+# compared on the same held-out rows, beside SFT trained as long as SFT+DPO (outputs/tiny-dpo/eval.md).
+dpo-demo: $(STAMP)
+	$(PY) -m helpers.pipeline --profile cpu_tiny --notebooks 00_setup 01_train_lora \
+		-p run_dir outputs/tiny-sft -p max_steps 30 -p overwrite true
+	$(PY) -m helpers.pipeline --profile cpu_tiny --notebooks 01_train_lora \
+		-p run_dir outputs/tiny-sft-50 -p max_steps 50 -p overwrite true
+	$(PY) -m helpers.pipeline --profile cpu_tiny_dpo --notebooks 06_preference_dpo 03_evaluate -p overwrite true \
+		-p compare_runs "[outputs/tiny-sft, outputs/tiny-sft-50]"
 
 PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)

@@ -27,6 +27,9 @@ LONG_ROWS = ("truncate", "drop")
 RESUME = ("auto", "never")
 REPORT_TO = ("none", "tensorboard", "wandb")
 EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
+# A curated subset of trl's DPOConfig.loss_type values: the pairwise losses that need nothing but chosen/rejected.
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
+DPO_REFERENCES = ("base", "sft")
 GGUF_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q8_0", "f16", "bf16")
 DEFAULT_PROMPTS = [
     "What's your favorite way to spend a rainy Sunday?",
@@ -96,6 +99,13 @@ class RunConfig:
     hub_repo_id: str = ""
     private: bool = True
     dry_run: bool = False
+    # preference tuning (DPO)
+    sft_run_dir: str = ""
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    reference: str = "base"
+    # evaluation of several runs on the same held-out rows
+    compare_runs: list[str] = field(default_factory=list)
     # batch runs
     batch_plan: str = "notebooks/plans/cpu_tiny_grid.yaml"
     # Colab: where to clone this kit from when a notebook is opened on its own
@@ -139,6 +149,12 @@ class RunConfig:
         _require("target_modules", self.target_modules, bool(self.target_modules), "a non-empty list")
         for module in self.target_modules:
             _choose("target_modules", module, LORA_TARGETS)
+        _require("beta", self.beta, self.beta > 0, "a positive number")
+        _choose("loss_type", self.loss_type, DPO_LOSSES)
+        _choose("reference", self.reference, DPO_REFERENCES)
+        if self.reference == "sft":
+            _require("reference", self.reference, bool(self.sft_run_dir.strip()),
+                     "'base' when no sft_run_dir is given (the 'sft' reference is a frozen copy of that run's adapter)")
         _require("prompts", self.prompts, all(p.strip() for p in self.prompts), "a list of non-empty strings")
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +171,17 @@ class RunConfig:
                      else repr(name) for name in unknown]
             raise ValueError(f"unknown parameter(s): {', '.join(hints)}; accepted parameters: {', '.join(known)}")
         return cls(**values)
+
+
+# The preference notebook's own defaults where DPO wants other values than SFT: a learning rate far below SFT's
+# (unsloth's DPO notebook uses 5e-6), shorter runs (each step scores chosen and rejected, policy and reference),
+# its own run_dir, and the SFT run of 01_train_lora to start from.
+DPO_DEFAULTS = {"sft_run_dir": "outputs/lora-run", "run_dir": "outputs/dpo-run", "learning_rate": 5e-6,
+                "max_steps": 60, "max_seq_length": 1024}
+# What a DPO run continuing an SFT run takes from it: the same model, adapter shape, prompt format and data.
+INHERITED_FROM_SFT = ("model_name", "load_in_4bit", "dataset", "dataset_split", "prompt_field", "response_field",
+                      "rejected_field", "prompt_template", "system_prompt", "lora_r", "lora_alpha", "lora_dropout",
+                      "target_modules", "eval_fraction")
 
 
 # Names IPython and Jupyter put into a kernel's namespace, which are not parameters.
@@ -184,6 +211,34 @@ def run_config(namespace: dict[str, Any]) -> RunConfig:
         raise FileNotFoundError(f"{path} does not exist: run_dir {str(path.parent)!r} holds no training run "
                                 "(run 01_train_lora first, with the same run_dir)")
     return RunConfig.from_dict({**json.loads(path.read_text())["parameters"], **params})
+
+
+def preference_config(namespace: dict[str, Any]) -> RunConfig:
+    """The config of the DPO notebook. With sft_run_dir, the SFT run's model, adapter shape, prompt format and data
+    (INHERITED_FROM_SFT) are taken from its run.json: a value left at its default is inherited, one set to
+    something else must agree with the SFT run."""
+    params = notebook_parameters(namespace)
+    config = RunConfig.from_dict(params)
+    if not config.rejected_field.strip():
+        raise ValueError("rejected_field = '' is invalid for preference tuning; it must name the column of the "
+                         "dispreferred answers")
+    if not config.sft_run_dir:
+        return config
+    path = Path(config.sft_run_dir) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: sft_run_dir {config.sft_run_dir!r} holds no training run "
+                                "(run 01_train_lora there first, or set sft_run_dir='' to start from the base model)")
+    record = json.loads(path.read_text())
+    if record.get("status") != "finished" or not (Path(config.sft_run_dir) / "adapter").is_dir():
+        raise ValueError(f"sft_run_dir {config.sft_run_dir!r} holds an unfinished run (status "
+                         f"{record.get('status')!r}); finish it with 01_train_lora first")
+    sft, defaults = record["parameters"], RunConfig().to_dict()
+    clashes = [f"{name} {params[name]!r} here, {sft[name]!r} in the SFT run" for name in INHERITED_FROM_SFT
+               if name in params and params[name] not in (defaults[name], sft[name])]
+    if clashes:
+        raise ValueError(f"sft_run_dir {config.sft_run_dir!r} was trained with other settings ({'; '.join(clashes)}); "
+                         "DPO continues that run's adapter, so leave these at their defaults to inherit them")
+    return RunConfig.from_dict({**params, **{name: sft[name] for name in INHERITED_FROM_SFT}})
 
 
 @functools.cache

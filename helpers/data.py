@@ -135,11 +135,20 @@ def from_conversations(rows: list[dict[str, Any]], config, source: str) -> list[
     return mapped
 
 
-def load_checked_rows(config) -> list[dict[str, Any]]:
+def load_checked_rows(config, preference: bool = False) -> list[dict[str, Any]]:
     """The configured dataset's rows (conversations mapped to prompt/response), checked for the fields the
-    config uses, before any model loads."""
+    config uses, before any model loads. For preference tuning the rejected answers are checked too, and a row
+    whose two answers are the same (it would teach nothing) is an error."""
     rows = from_conversations(load_rows(config.dataset, config.dataset_split), config, config.dataset)
-    check_rows(rows, {"prompt_field": config.prompt_field, "response_field": config.response_field}, config.dataset)
+    fields = {"prompt_field": config.prompt_field, "response_field": config.response_field}
+    check_rows(rows, {**fields, "rejected_field": config.rejected_field} if preference else fields, config.dataset)
+    same = [number for number, row in enumerate(rows, start=1)
+            if preference and row[config.response_field].strip() == row[config.rejected_field].strip()]
+    if same:
+        shown = ", ".join(map(str, same[:10])) + (f" and {len(same) - 10} more" if len(same) > 10 else "")
+        raise ValueError(f"dataset {config.dataset!r}: {len(same)} rows have the same {config.response_field!r} "
+                         f"and {config.rejected_field!r} answer (rows {shown}); a preference needs two different "
+                         "answers: fix or remove them")
     log.info("loaded %d rows from %s", len(rows), config.dataset)
     return rows
 
@@ -166,6 +175,24 @@ def hold_out(rows: list[dict[str, Any]], config,
     return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
 
 
+def reuse_split(rows: list[dict[str, Any]], config,
+                source_run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows) as another run split them (its split.json, copied into run_dir), so that a
+    run continuing that one never trains on the rows it held out, and both are scored on the same rows."""
+    from helpers.records import read_json, write_json
+
+    path = Path(source_run_dir) / "split.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run in {str(source_run_dir)!r} recorded no held-out split")
+    split = read_json(path)
+    if split["dataset"] != config.dataset or split["rows"] != len(rows):
+        raise ValueError(f"{path} split dataset {split['dataset']!r} of {split['rows']} rows, but this run has "
+                         f"{config.dataset!r} with {len(rows)} rows: the held-out rows cannot be found again")
+    write_json(Path(config.run_dir) / "split.json", {**split, "from_run": str(source_run_dir)})
+    held = set(split["eval_indices"])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in split["eval_indices"]]
+
+
 def held_out_rows(config) -> list[dict[str, Any]]:
     """The rows a run held out from training, as recorded in run_dir/split.json."""
     from helpers.records import read_json
@@ -190,23 +217,48 @@ def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
     """
     from datasets import Dataset
 
+    prompts, (completions,) = _formatted(rows, config, tokenizer, (config.response_field,))
+    keep = _within_length(prompts, [completions], config, tokenizer)
+    return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
+
+
+def to_preference_set(rows: list[dict[str, Any]], config, tokenizer):
+    """The rows as a datasets.Dataset of `prompt`, `chosen` and `rejected` texts for trl's DPOTrainer: the prompt
+    exactly as in SFT and at inference, each answer followed by one EOS. A row is long when prompt and its longer
+    answer pass max_seq_length; `long_rows` says whether it is truncated or dropped."""
+    from datasets import Dataset
+
+    prompts, (chosen, rejected) = _formatted(rows, config, tokenizer, (config.response_field, config.rejected_field))
+    keep = _within_length(prompts, [chosen, rejected], config, tokenizer)
+    return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "chosen": [chosen[i] for i in keep],
+                              "rejected": [rejected[i] for i in keep]})
+
+
+def _formatted(rows, config, tokenizer, answer_fields) -> tuple[list[str], list[list[str]]]:
+    """The generation prompts and, for each answer field, the answers each ending in one EOS."""
     eos = tokenizer.eos_token
     if not eos:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     prompts = [format_generation_prompt(config.prompt_template, row[config.prompt_field], tokenizer,
                                         config.system_prompt) for row in rows]
-    completions = [strip_eos(row[config.response_field], eos) + eos for row in rows]
-    full = [p + c for p, c in zip(prompts, completions)]
-    lengths = [len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"]]
+    return prompts, [[strip_eos(row[field], eos) + eos for row in rows] for field in answer_fields]
+
+
+def _within_length(prompts: list[str], answers: list[list[str]], config, tokenizer) -> list[int]:
+    """Indices of the rows to keep: all (long ones get truncated) or, with long_rows='drop', the short ones.
+    A row's length is that of its prompt with its longest answer."""
+    lengths = [0] * len(prompts)
+    for column in answers:
+        full = [p + a for p, a in zip(prompts, column)]
+        lengths = [max(n, len(ids)) for n, ids in zip(lengths, tokenizer(full, add_special_tokens=True)["input_ids"])]
     long = {i for i, n in enumerate(lengths) if n > config.max_seq_length}
     if long:
         action = "dropped" if config.long_rows == "drop" else "truncated to max_seq_length"
         log.warning("%d of %d rows are longer than max_seq_length=%d tokens (longest %d); they are %s "
-                    "(long_rows=%r)", len(long), len(full), config.max_seq_length, max(lengths), action,
+                    "(long_rows=%r)", len(long), len(prompts), config.max_seq_length, max(lengths), action,
                     config.long_rows)
-    keep = [i for i in range(len(full)) if config.long_rows != "drop" or i not in long]
+    keep = [i for i in range(len(prompts)) if config.long_rows != "drop" or i not in long]
     if not keep:
         raise ValueError(f"no rows left after dropping {len(long)} rows longer than max_seq_length="
                          f"{config.max_seq_length}; raise max_seq_length or set long_rows='truncate'")
-    return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
-
+    return keep

@@ -12,8 +12,18 @@ from helpers.records import atomic_write_text, save_figure, write_json
 METRICS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
 
 
+def compared_runs(config) -> list[str]:
+    """The other runs to score on this run's held-out rows: compare_runs, or else the SFT run a DPO run continued."""
+    runs = list(config.compare_runs) or ([config.sft_run_dir] if config.sft_run_dir else [])
+    for run in runs:
+        if not (Path(run) / "adapter").is_dir():
+            raise FileNotFoundError(f"compare_runs: {run!r} holds no trained adapter ({run}/adapter is missing)")
+    return runs
+
+
 def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Held-out metrics of the base model (adapter disabled, same weights) and of the tuned model."""
+    """Held-out metrics of the base model (adapter disabled, same weights), of each compared run (its adapter
+    loaded beside this run's, the base weights shared) and of the tuned model."""
     rows = rows[: config.max_eval_rows]
     kwargs = dict(template=config.prompt_template, rows=rows, prompt_field=config.prompt_field,
                   response_field=config.response_field, rejected_field=config.rejected_field,
@@ -22,9 +32,24 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
     reset_peak_memory()
     with model.disable_adapter():
         base = evaluate_model(model, tokenizer, **kwargs)
+    compared = {}
+    for number, run in enumerate(compared_runs(config)):
+        name = f"compared_{number}"
+        model.load_adapter(str(Path(run) / "adapter"), adapter_name=name)
+        model.set_adapter(name)
+        compared[Path(run).name] = evaluate_model(model, tokenizer, **kwargs)
+        model.set_adapter("default")
+        model.delete_adapter(name)
     tuned = evaluate_model(model, tokenizer, **kwargs)
     return {"rows": len(rows), "response_field": config.response_field, "rejected_field": config.rejected_field,
-            "base": base, "tuned": tuned, "memory": peak_memory()}
+            "run": Path(config.run_dir).name, "base": base, "compared": compared, "tuned": tuned,
+            "memory": peak_memory()}
+
+
+def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, metrics) of each model scored: base, the compared runs, then this run."""
+    return [("base", results["base"]), *results.get("compared", {}).items(),
+            (results.get("run", "tuned"), results["tuned"])]
 
 
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:
@@ -40,11 +65,13 @@ def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:
 
 
 def report_markdown(results: dict[str, Any], generations: list[dict[str, str]]) -> str:
-    """eval.md: the metrics table, base against tuned, then the generations side by side."""
-    lines = [f"# Held-out evaluation ({results['rows']} rows)", "", "| metric | base | tuned |", "|---|---|---|"]
+    """eval.md: the metrics table, one column per model scored, then the generations side by side."""
+    columns = _columns(results)
+    lines = [f"# Held-out evaluation ({results['rows']} rows)", "",
+             "| metric | " + " | ".join(label for label, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for metric in METRICS:
-        if metric in results["tuned"]:
-            lines.append(f"| {metric} | {results['base'][metric]:.4f} | {results['tuned'][metric]:.4f} |")
+        if all(metric in scores for _, scores in columns):
+            lines.append(f"| {metric} | " + " | ".join(f"{scores[metric]:.4f}" for _, scores in columns) + " |")
     if "note" in results["tuned"]:
         lines += ["", f"Note: {results['tuned']['note']}"]
     lines += ["", "## Generations (greedy)", "", "| prompt | base | tuned |", "|---|---|---|"]
@@ -62,18 +89,22 @@ def save_report(run_dir: str | Path, results: dict[str, Any], generations: list[
 
 
 def plot_comparison(run_dir: str | Path, results: dict[str, Any]):
-    """Bar charts of each held-out metric, base against tuned; saved as run_dir/eval.png."""
+    """Bar charts of each held-out metric, one bar per model scored (base, compared runs, this run); saved as
+    run_dir/eval.png."""
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("loss", "preference_accuracy", "mean_margin") if m in results["tuned"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    columns = _columns(results)
+    metrics = [m for m in ("loss", "preference_accuracy", "mean_margin") if all(m in s for _, s in columns)]
+    colors = ["#999999", *["#8fb8d8"] * (len(columns) - 2), "#2a7ab9"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4, 1.3 * len(columns)) * len(metrics), 3.5),
+                             squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        values = [results["base"][metric], results["tuned"][metric]]
-        ax.bar(["base", "tuned"], values, color=["#999999", "#2a7ab9"])
+        ax.bar([label for label, _ in columns], [scores[metric] for _, scores in columns], color=colors)
         ax.set_title(metric.replace("_", " "))
         ax.bar_label(ax.containers[0], fmt="%.3f")
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle(f"Held-out evaluation, {results['rows']} rows")
     fig.tight_layout()
     save_figure(fig, Path(run_dir) / "eval.png")

@@ -7,7 +7,8 @@ from helpers.records import read_train_log, save_figure
 
 
 def plot_loss(run_dir: str | Path, title: str | None = None):
-    """Draw run_dir/train_log.csv as a loss curve, save it as run_dir/loss.png, and return the figure."""
+    """Draw run_dir/train_log.csv as a loss curve (for a DPO run beside its reward accuracy and margin), save it
+    as run_dir/loss.png, and return the figure."""
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
@@ -16,7 +17,9 @@ def plot_loss(run_dir: str | Path, title: str | None = None):
     evals = [r for r in log if r.get("eval_loss") is not None]
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rewards = [name for name in ("accuracies", "margins") if any(r.get(f"rewards/{name}") is not None for r in log)]
+    fig, axes = plt.subplots(1, 1 + len(rewards), figsize=(8 + 4.5 * len(rewards), 4.5), squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, losses, marker="." if len(rows) < 60 else None, label="training loss")
     if len(rows) >= 10:
         half = max(1, len(rows) // 20)  # centred window: follows the curve without lagging behind it
@@ -31,8 +34,23 @@ def plot_loss(run_dir: str | Path, title: str | None = None):
     ax.set_title(title or f"Training loss: {run_dir.name}")
     ax.grid(alpha=0.3)
     ax.legend()
+    for reward_ax, name in zip(axes[0][1:], rewards):
+        _plot_reward(reward_ax, log, name)
     fig.tight_layout()
     save_figure(fig, run_dir / "loss.png")
     plt.close(fig)
     return fig
 
+
+
+def _plot_reward(ax, log, name: str) -> None:
+    """DPO's implicit-reward accuracy or margin (chosen against rejected), training and held-out."""
+    for prefix, label, style in (("", "training", {}), ("eval_", "held-out", {"marker": "o", "linewidth": 2})):
+        points = [(r["step"], r[f"{prefix}rewards/{name}"]) for r in log if r.get(f"{prefix}rewards/{name}") is not None]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+    ax.set_xlabel("step")
+    ax.set_title({"accuracies": "reward accuracy: chosen ranked above rejected",
+                  "margins": "reward margin: chosen minus rejected"}[name])
+    ax.grid(alpha=0.3)
+    ax.legend()

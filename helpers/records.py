@@ -12,6 +12,8 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 LOG_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "epoch", "eval_loss")
+# What DPO logs besides: how often the policy's implicit reward ranks chosen above rejected, and by how much.
+PREFERENCE_COLUMNS = ("rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -52,19 +54,22 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 
 def training_log(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per logged step of a Trainer's log history: training entries, with eval_loss merged in by step."""
+    """One row per logged step of a Trainer's log history: training entries, with eval_loss merged in by step;
+    DPO's reward columns too when the history has them."""
+    columns = LOG_COLUMNS + tuple(c for c in PREFERENCE_COLUMNS if any(c in entry for entry in log_history))
     rows: dict[int, dict[str, Any]] = {}
     for entry in log_history:
         if "loss" in entry or "eval_loss" in entry:
-            row = rows.setdefault(entry["step"], {key: None for key in LOG_COLUMNS} | {"step": entry["step"]})
-            row.update({key: entry[key] for key in LOG_COLUMNS if key in entry and key != "step"})
+            row = rows.setdefault(entry["step"], {key: None for key in columns} | {"step": entry["step"]})
+            row.update({key: entry[key] for key in columns if key in entry and key != "step"})
     return [rows[step] for step in sorted(rows)]
 
 
 def write_train_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Atomically write the training log as CSV with LOG_COLUMNS."""
+    """Atomically write the training log as CSV: LOG_COLUMNS, then any other columns the rows have."""
+    extra = [key for key in dict.fromkeys(k for row in rows for k in row) if key not in LOG_COLUMNS]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*LOG_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buffer.getvalue())

@@ -20,7 +20,7 @@ from helpers.environment import (
     resolve_precision,
 )
 from helpers.monitoring import LiveLossPlot
-from helpers.records import training_log, update_run_record, write_train_log
+from helpers.records import PREFERENCE_COLUMNS, training_log, update_run_record, write_train_log
 from helpers.reliability import (
     StopOnNonFiniteLoss,
     check_model_source,
@@ -33,15 +33,11 @@ from helpers.reliability import (
 log = logging.getLogger(__name__)
 
 
-def sft_config(config, precision: str, with_eval: bool = False):
-    """trl's SFTConfig for the run: the recipe's hyperparameters, precision from the hardware."""
-    from trl import SFTConfig
-
-    return SFTConfig(
+def trainer_arguments(config, precision: str, with_eval: bool = False) -> dict[str, Any]:
+    """The recipe's hyperparameters as TrainingArguments keywords, shared by SFT and DPO; precision from the
+    hardware; checkpoints in run_dir/checkpoints."""
+    return dict(
         output_dir=str(Path(config.run_dir) / "checkpoints"),
-        completion_only_loss=config.train_on_responses_only,
-        max_length=config.max_seq_length,
-        packing=config.packing,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         warmup_steps=config.warmup_steps,
@@ -66,6 +62,14 @@ def sft_config(config, precision: str, with_eval: bool = False):
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=1,
     )
+
+
+def sft_config(config, precision: str, with_eval: bool = False):
+    """trl's SFTConfig for the run: the shared recipe, the sequence length, packing and where the loss goes."""
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_arguments(config, precision, with_eval), max_length=config.max_seq_length,
+                     completion_only_loss=config.train_on_responses_only, packing=config.packing)
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
@@ -149,6 +153,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        **_last_logged(rows, PREFERENCE_COLUMNS),
         **peak_memory(),
     }
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
@@ -156,11 +161,22 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
     return metrics
 
 
+def _last_logged(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[str, float]:
+    """{'final_rewards_accuracies': ..., ...}: the last logged value of each of the columns the log has."""
+    last = {}
+    for column in columns:
+        values = [r[column] for r in rows if r.get(column) is not None]
+        if values:
+            last["final_" + column.replace("/", "_")] = values[-1]
+    return last
+
+
 def save_adapter(model, tokenizer, adapter_dir: Path) -> Path:
-    """Save the LoRA adapter and tokenizer into adapter_dir through a temporary folder swapped in at the end."""
+    """Save the trained LoRA adapter ('default'; not a frozen reference copy DPO may hold) and the tokenizer into
+    adapter_dir through a temporary folder swapped in at the end."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, selected_adapters=["default"])
     tokenizer.save_pretrained(tmp)
     old = adapter_dir.with_name(adapter_dir.name + ".old")
     if adapter_dir.exists():

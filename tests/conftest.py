@@ -27,6 +27,14 @@ def assert_token_in_no_file(*roots) -> int:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The offline tiny model's tokenizer, built locally."""
+    from helpers.local_models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """run_dir of setup -> train -> inference executed through papermill on the cpu_tiny profile."""
     from helpers.pipeline import run_pipeline
@@ -44,3 +52,14 @@ def chat_run(tiny_run, tmp_path_factory):
     overrides = {"run_dir": str(run_dir), "prompt_template": "chat", "train_on_responses_only": True,
                  "system_prompt": "Answer like a warm friend."}
     return run_pipeline("cpu_tiny", overrides, ("01_train_lora", "02_inference", "03_evaluate"))
+
+
+@pytest.fixture(scope="session")
+def dpo_run(tiny_run, tmp_path_factory):
+    """run_dir of DPO (06) continuing tiny_run's adapter for a few steps, then its evaluation (03)."""
+    from helpers.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("pipeline") / "dpo-run"
+    overrides = {"sft_run_dir": str(tiny_run), "run_dir": str(run_dir), "max_steps": 4, "eval_steps": 2,
+                 "save_steps": 2, "max_new_tokens": 16}
+    return run_pipeline("cpu_tiny_dpo", overrides, ("06_preference_dpo", "03_evaluate"))

@@ -243,16 +243,9 @@ def test_default_config_pointed_at_the_sample_loads():
 # ---------------------------------------------------------------- training set
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from helpers.local_models import build_tokenizer
-
-    return build_tokenizer()
-
-
-def test_to_training_set_gives_one_alpaca_text_per_row(tokenizer):
-    eos = tokenizer.eos_token
-    dataset = to_training_set(ROWS, RunConfig(dataset="x.jsonl"), tokenizer)
+def test_to_training_set_gives_one_alpaca_text_per_row(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token
+    dataset = to_training_set(ROWS, RunConfig(dataset="x.jsonl"), tiny_tokenizer)
     assert dataset.column_names == ["prompt", "completion"]
     assert len(dataset) == len(ROWS)
     for row, prompt, completion in zip(ROWS, dataset["prompt"], dataset["completion"]):
@@ -263,29 +256,29 @@ def test_to_training_set_gives_one_alpaca_text_per_row(tokenizer):
         assert text.count(eos) == 1
 
 
-def test_to_training_set_uses_configured_fields(tokenizer):
+def test_to_training_set_uses_configured_fields(tiny_tokenizer):
     config = RunConfig(dataset="x.jsonl", prompt_field="question", response_field="answer")
-    dataset = to_training_set(QA_ROWS, config, tokenizer)
+    dataset = to_training_set(QA_ROWS, config, tiny_tokenizer)
     texts = [p + c for p, c in zip(dataset["prompt"], dataset["completion"])]
     assert texts[0] == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?" + tokenizer.eos_token
+        "\n\n### Instruction:\nWhat's up?\n\n### Response:\nNot much, you?" + tiny_tokenizer.eos_token
     )
 
 
-def test_long_rows_are_counted_and_truncated_or_dropped(tokenizer, caplog):
+def test_long_rows_are_counted_and_truncated_or_dropped(tiny_tokenizer, caplog):
     rows = [{"prompt": "Hi?", "chosen": "Hello! " * n} for n in (1, 200, 300)]
     with caplog.at_level("WARNING"):
-        kept = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120), tokenizer)
+        kept = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120), tiny_tokenizer)
     assert len(kept) == 3 and "2 of 3 rows are longer than max_seq_length=120" in caplog.text
-    dropped = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120, long_rows="drop"), tokenizer)
+    dropped = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120, long_rows="drop"), tiny_tokenizer)
     assert dropped["completion"] == kept["completion"][:1]
 
 
-def test_dataset_empty_after_dropping_long_rows_is_an_error(tokenizer):
+def test_dataset_empty_after_dropping_long_rows_is_an_error(tiny_tokenizer):
     rows = [{"prompt": "Hi?", "chosen": "Hello! " * 300}]
     with pytest.raises(ValueError, match=r"no rows left after dropping 1 rows longer than max_seq_length=64"):
-        to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=64, long_rows="drop"), tokenizer)
+        to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=64, long_rows="drop"), tiny_tokenizer)
 
 
 def test_csv_with_a_byte_order_mark_keeps_its_column_names(tmp_path):

@@ -140,3 +140,60 @@ def test_chat_template_with_response_only_loss_runs_train_inference_and_evaluati
     assert [g["prompt"] for g in generations] == DEFAULT_PROMPTS
     report = read_json(chat_run / "eval.json")
     assert report["tuned"]["loss"] < report["base"]["loss"]
+
+
+# --- preference tuning: 06 then 03, continuing tiny_run's adapter ---------------------------------------------
+
+def test_dpo_run_records_a_finished_run_that_continues_the_sft_run(dpo_run, tiny_run):
+    record = read_json(dpo_run / "run.json")
+    assert record["status"] == "finished" and record["stage"] == "dpo"
+    assert record["reference"] == "the base model, adapter disabled"  # read from the trainer, not the config
+    sft = read_json(tiny_run / "run.json")["parameters"]
+    for name in ("model_name", "lora_r", "lora_alpha", "prompt_template", "dataset"):
+        assert record["parameters"][name] == sft[name]
+    assert record["parameters"]["sft_run_dir"] == str(tiny_run) and record["metrics"]["steps"] == 4
+    # The SFT run's held-out rows stay held out: the same split, copied.
+    assert read_json(dpo_run / "split.json")["eval_indices"] == read_json(tiny_run / "split.json")["eval_indices"]
+    assert record["metrics"]["eval_rows"] == len(read_json(tiny_run / "split.json")["eval_indices"])
+    # Only the trained adapter is saved, in the SFT adapter's shape.
+    assert not (dpo_run / "adapter" / "ref").exists()
+    assert json.loads((dpo_run / "adapter/adapter_config.json").read_text())["r"] == sft["lora_r"]
+
+
+def test_dpo_logs_and_plots_reward_accuracy_and_margin(dpo_run):
+    rows = read_train_log(dpo_run / "train_log.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(0 <= r["rewards/accuracies"] <= 1 and r["rewards/margins"] is not None for r in rows)
+    assert [r["step"] for r in rows if r["eval_rewards/accuracies"] is not None] == [2, 4]
+    metrics = read_json(dpo_run / "run.json")["metrics"]
+    assert metrics["final_rewards_margins"] == rows[-1]["rewards/margins"]
+    assert metrics["final_eval_rewards_margins"] > 0  # the policy already ranks held-out chosen above rejected
+    nb = nbformat.read(dpo_run / "06_preference_dpo.ipynb", as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1 and (dpo_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluation_of_a_dpo_run_compares_base_sft_and_dpo_on_the_same_rows(dpo_run, tiny_run):
+    report = read_json(dpo_run / "eval.json")
+    assert list(report["compared"]) == [tiny_run.name]
+    sft, dpo = report["compared"][tiny_run.name], report["tuned"]
+    own = read_json(tiny_run / "eval.json")["tuned"]  # the SFT run's own evaluation: the same rows, the same scores
+    assert sft["n_tokens"] == own["n_tokens"] and sft["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    assert dpo["mean_margin"] > sft["mean_margin"] > report["base"]["mean_margin"]
+    assert f"| metric | base | {tiny_run.name} | {dpo_run.name} |" in (dpo_run / "eval.md").read_text()
+
+
+def test_identical_answers_stop_the_dpo_notebook_before_the_model_loads(tmp_path):
+    import papermill
+
+    data = tmp_path / "same.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "same", "rejected": "same" if i == 2 else "x"})
+                              for i in range(4)))
+    params = {**yaml.safe_load((PROFILES / "cpu_tiny_dpo.yaml").read_text()), "sft_run_dir": "",
+              "dataset": str(data), "run_dir": str(tmp_path / "run")}
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        run_notebook("06_preference_dpo", params, tmp_path)
+    assert "1 rows have the same 'chosen' and 'rejected' answer (rows 3)" in str(failure.value)
+    nb = nbformat.read(tmp_path / "06_preference_dpo.ipynb", as_version=4)
+    assert next(c for c in nb.cells if "run_preference(" in c.source).execution_count is None
+    assert not (tmp_path / "run" / "run.json").exists()
