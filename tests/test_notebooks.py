@@ -197,3 +197,27 @@ def test_identical_answers_stop_the_dpo_notebook_before_the_model_loads(tmp_path
     nb = nbformat.read(tmp_path / "06_preference_dpo.ipynb", as_version=4)
     assert next(c for c in nb.cells if "run_preference(" in c.source).execution_count is None
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_an_interrupted_dpo_run_resumes_from_its_checkpoint_to_the_same_result(dpo_run, tiny_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    # An interrupted copy of dpo_run: its step-2 checkpoint, its record still 'running', no adapter yet.
+    run_dir = tmp_path / "interrupted"
+    shutil.copytree(dpo_run / "checkpoints" / "checkpoint-2", run_dir / "checkpoints" / "checkpoint-2")
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    params = {**yaml.safe_load((PROFILES / "cpu_tiny_dpo.yaml").read_text()), "sft_run_dir": str(tiny_run),
+              "run_dir": str(run_dir), "max_steps": 4, "eval_steps": 2, "save_steps": 2}
+    run_notebook("06_preference_dpo", params, run_dir)
+    record = read_json(run_dir / "run.json")
+    assert record["status"] == "finished" and record["metrics"]["resumed_from_step"] == 2
+    resumed, straight = read_train_log(run_dir / "train_log.csv"), read_train_log(dpo_run / "train_log.csv")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), f"step {a['step']} differs"
+    tuned, reference = load_file(run_dir / "adapter/adapter_model.safetensors"), load_file(
+        dpo_run / "adapter/adapter_model.safetensors")
+    assert tuned.keys() == reference.keys()
+    assert all((tuned[name] - reference[name]).abs().max().item() <= 1e-6 for name in tuned)
