@@ -134,11 +134,11 @@ def test_the_training_log_keeps_reward_columns_only_when_logged():
 
 # --- the reference model --------------------------------------------------------------------------------------
 
-def first_step(tiny_run, tmp_path, reference):
-    """Build the DPO trainer on tiny_run's adapter and train one step; (trainer, parameter counts before and after
-    the trainer was built, the step's log)."""
-    params = {**TINY_DPO, "sft_run_dir": str(tiny_run), "run_dir": str(tmp_path / reference), "reference": reference,
-              "max_steps": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0}
+def first_step(sft_run_dir, tmp_path, reference):
+    """Build the DPO trainer on the SFT run's adapter (a fresh one without) and train one step; (trainer,
+    parameter counts before and after the trainer was built, the step's log)."""
+    params = {**TINY_DPO, "sft_run_dir": str(sft_run_dir), "run_dir": str(tmp_path / reference),
+              "reference": reference, "max_steps": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0}
     config = preference_config(params)
     rows = data.load_checked_rows(config, preference=True)[:4]
     model, tokenizer = preference.load_policy(config, "fp32")
@@ -165,4 +165,14 @@ def test_the_sft_reference_is_a_frozen_copy_of_the_adapter_only(tiny_run, tmp_pa
     lora = sum(p.numel() for n, p in trainer.model.named_parameters() if ".default." in n)
     assert after == before + lora  # one more adapter, no second copy of the base weights
     # Policy and reference are the same model at the first step: rewards 0 and the loss is exactly log 2.
+    assert step["rewards/chosen"] == pytest.approx(0, abs=1e-6) and step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.notebook
+def test_without_an_sft_run_a_fresh_adapter_starts_equal_to_its_reference(tiny_run, tmp_path):
+    trainer, before, after, step = first_step("", tmp_path, "base")  # tiny_run: the tiny model is built
+    assert preference.reference_in_use(trainer) == "the base model, adapter disabled" and after == before
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)  # only the fresh adapter trains
+    # LoRA's B starts at zero: policy and base are the same model at the first step, so the loss is log 2.
     assert step["rewards/chosen"] == pytest.approx(0, abs=1e-6) and step["loss"] == pytest.approx(math.log(2), abs=1e-5)
