@@ -1,8 +1,8 @@
 """Exporting a finished run in the formats people deploy (LoRA adapter, merged 16-bit, merged 4-bit, GGUF).
 
 Each format is written into a hidden temporary folder that is renamed to run_dir/export/<format>/ only once it
-is complete, loaded back, and its greedy answer to a fixed prompt compared with the tuned model's; the result
-is recorded in run_dir/export/manifest.json.
+is complete, loaded back, and its greedy answer to a fixed prompt compared with the tuned model's, as a whole
+and token by token (teacher-forced agreement); the result is recorded in run_dir/export/manifest.json.
 """
 from __future__ import annotations
 
@@ -38,12 +38,29 @@ def export_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "export"
 
 
-def greedy_answer(model, tokenizer, config) -> str:
-    """The model's greedy answer to the fixed check prompt, in the run's template."""
-    from helpers.inference import generate
+def greedy_answer(model, tokenizer, config) -> dict[str, Any]:
+    """The model's greedy answer to the fixed check prompt, in the run's template: its text, and the prompt and
+    answer token ids."""
+    from helpers.inference import generate_tokens
 
-    return generate(model, tokenizer, CHECK_PROMPT, config.prompt_template, CHECK_TOKENS, temperature=0.0,
-                    system_prompt=config.system_prompt)
+    prompt_ids, answer_ids = generate_tokens(model, tokenizer, CHECK_PROMPT, config.prompt_template, CHECK_TOKENS,
+                                             temperature=0.0, system_prompt=config.system_prompt)
+    return {"text": tokenizer.decode(answer_ids, skip_special_tokens=True).strip(), "prompt_ids": prompt_ids,
+            "answer_ids": answer_ids}
+
+
+def token_agreement(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """The share of the expected answer's tokens that this model also picks greedily, each given the same tokens
+    before it (teacher-forced). 1.0 means it would answer the same way at every step; unlike comparing whole
+    answers, one early flip (a near tie, say, after quantization) does not count as a total mismatch."""
+    import torch
+
+    if not answer_ids:
+        raise ValueError("the expected answer has no tokens; there is nothing to agree on")
+    ids = torch.tensor([prompt_ids + answer_ids], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1:-1]
+    return (logits.argmax(-1).cpu() == torch.tensor(answer_ids)).float().mean().item()
 
 
 @contextlib.contextmanager
@@ -161,19 +178,22 @@ def _reload(export_format: str, folder: Path, config, precision: str):
     return model, tokenizer
 
 
-def reload_check(export_format: str, folder: Path, config, precision: str, expected: str) -> dict[str, Any]:
-    """Load the export back and compare its greedy answer to the check prompt with the tuned model's."""
+def reload_check(export_format: str, folder: Path, config, precision: str, expected: dict[str, Any]) -> dict[str, Any]:
+    """Load the export back and compare its greedy answer to the check prompt with the tuned model's: the whole
+    answer, and the token-by-token agreement."""
     model = None
     try:
         model, tokenizer = _reload(export_format, folder, config, precision)
-        answer = greedy_answer(model, tokenizer, config)
+        answer = greedy_answer(model, tokenizer, config)["text"]
+        agreement = token_agreement(model, expected["prompt_ids"], expected["answer_ids"])
     except Exception as error:  # recorded, not raised: the files are written, only the check failed
         log.warning("reloading %s failed: %s", export_format, error)
         return {"loaded": model is not None, "error": f"{type(error).__name__}: {error}", "same_answer": False}
     finally:
         del model
         _free_memory()
-    return {"loaded": True, "same_answer": answer == expected, "answer": answer, "expected": expected}
+    return {"loaded": True, "same_answer": answer == expected["text"], "token_agreement": round(agreement, 4),
+            "answer": answer, "expected": expected["text"]}
 
 
 def _free_memory() -> None:
@@ -184,7 +204,8 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def export_format(export_format: str, model, tokenizer, config, precision: str, expected: str) -> dict[str, Any]:
+def export_format(export_format: str, model, tokenizer, config, precision: str,
+                  expected: dict[str, Any]) -> dict[str, Any]:
     """Save one format through a temporary folder, write its model card, reload and check it; return its record.
 
     unsloth refusing the format (NotImplementedError) is recorded as 'refused' with its reason, any other
@@ -226,7 +247,7 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     manifest = read_json(path) if path.exists() else {"formats": {}}
     expected = greedy_answer(model, tokenizer, config)
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
-                    check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected})
+                    check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"]})
     for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
         log.info("exporting %s", name)
         manifest["formats"][name] = export_format(name, model, tokenizer, config, precision, expected)
@@ -237,14 +258,15 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
 
 def manifest_markdown(manifest: dict[str, Any]) -> str:
     """The manifest as a table: status, files, size and the reload check of each format."""
-    rows = ["| format | status | files | size | reloaded | same greedy answer | note |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| format | status | files | size | reloaded | same greedy answer | token agreement | note |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, entry in manifest["formats"].items():
         reload = entry.get("reload", {})
         note = entry.get("reason") or reload.get("error") or ""
         size = f"{entry['total_bytes'] / 2**20:.1f} MiB" if "total_bytes" in entry else ""
         rows.append(f"| {name} | {entry['status']} | {len(entry.get('files', []))} | {size} | "
-                    f"{reload.get('loaded', '')} | {reload.get('same_answer', '')} | {note.replace('|', '/')} |")
+                    f"{reload.get('loaded', '')} | {reload.get('same_answer', '')} | "
+                    f"{reload.get('token_agreement', '')} | {note.replace('|', '/')} |")
     return "\n".join(rows)
 
 

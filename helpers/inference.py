@@ -13,6 +13,14 @@ def generate(model, tokenizer, prompt, template: str, max_new_tokens: int, tempe
              stream: bool = False, system_prompt: str = "") -> str:
     """The model's answer to one prompt (temperature 0 = greedy), without the prompt text; rendered exactly as
     in training (same template, same system prompt)."""
+    _, new_tokens = generate_tokens(model, tokenizer, prompt, template, max_new_tokens, temperature, stream,
+                                    system_prompt)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def generate_tokens(model, tokenizer, prompt, template: str, max_new_tokens: int, temperature: float,
+                    stream: bool = False, system_prompt: str = "") -> tuple[list[int], list[int]]:
+    """(prompt token ids, generated token ids) of the model's answer to one prompt, as `generate` renders it."""
     import torch
     from transformers import TextStreamer
 
@@ -28,8 +36,8 @@ def generate(model, tokenizer, prompt, template: str, max_new_tokens: int, tempe
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
             **sampling,
         )
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    width = inputs["input_ids"].shape[1]
+    return inputs["input_ids"][0].tolist(), output[0, width:].tolist()
 
 
 def generate_all(model, tokenizer, config, stream: bool = False) -> list[dict[str, Any]]:

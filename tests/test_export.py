@@ -54,7 +54,8 @@ def test_default_formats_reload_with_the_tuned_models_answer(exported):
     assert expected.strip(), "the tuned model gave an empty answer; the check would prove nothing"
     for name, entry in manifest["formats"].items():
         assert entry["status"] == "ok", entry
-        assert entry["reload"] == {"loaded": True, "same_answer": True, "answer": expected, "expected": expected}
+        assert entry["reload"] == {"loaded": True, "same_answer": True, "token_agreement": 1.0, "answer": expected,
+                                   "expected": expected}
     assert manifest["formats"]["merged_16bit"]["save_method"] == "merged_16bit"
 
 
@@ -280,3 +281,21 @@ def test_the_model_card_of_a_dpo_run_says_how_it_was_tuned():
     assert "| preference tuning | DPO, loss sigmoid, beta 0.2, reference: the base model, adapter disabled |" in card
     sft = model_card({**record, "stage": None, "parameters": RunConfig().to_dict()}, None, "lora", "me/model-lora")
     assert "- sft\n" in sft and "SFTTrainer" in sft and "preference tuning" not in sft
+
+
+def test_token_agreement_is_one_for_the_same_model_and_counts_each_flipped_step(tmp_path, tiny_tokenizer):
+    import helpers.stack  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from helpers.export import greedy_answer, token_agreement
+    from helpers.local_models import build_random_llama
+
+    model = AutoModelForCausalLM.from_pretrained(build_random_llama(tmp_path / "tiny", "tiny")).eval()
+    expected = greedy_answer(model, tiny_tokenizer, RunConfig())
+    prompt, answer = expected["prompt_ids"], expected["answer_ids"]
+    assert len(answer) > 4 and token_agreement(model, prompt, answer) == 1.0
+    # Teacher-forced: a wrong token at one step costs that step only, not the rest of the answer.
+    wrong = answer[:2] + [(answer[2] + 1) % model.config.vocab_size] + answer[3:]
+    assert token_agreement(model, prompt, wrong) <= 1 - 1 / len(answer) + 1e-9
+    with pytest.raises(ValueError, match="no tokens"):
+        token_agreement(model, prompt, [])
