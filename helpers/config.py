@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.environment import mount_drive_if_needed
 from helpers.prompts import PROMPT_TEMPLATES
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -206,7 +207,9 @@ def run_config(namespace: dict[str, Any]) -> RunConfig:
     """The config of a notebook that works on a finished run: what the run recorded, then this notebook's values."""
     params = notebook_parameters(namespace)
     RunConfig.from_dict(params)  # unknown names and bad values fail here, before run_dir is read
-    path = Path(params.get("run_dir", RunConfig.run_dir)) / "run.json"
+    run_dir = params.get("run_dir", RunConfig.run_dir)
+    mount_drive_if_needed(run_dir)  # on Colab a run handed over on Drive is there only once Drive is mounted
+    path = Path(run_dir) / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run_dir {str(path.parent)!r} holds no training run "
                                 "(run 01_train_lora first, with the same run_dir)")
@@ -224,6 +227,7 @@ def preference_config(namespace: dict[str, Any]) -> RunConfig:
                          "dispreferred answers")
     if not config.sft_run_dir:
         return config
+    mount_drive_if_needed(config.sft_run_dir)
     path = Path(config.sft_run_dir) / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: sft_run_dir {config.sft_run_dir!r} holds no training run "

@@ -176,3 +176,15 @@ def test_without_an_sft_run_a_fresh_adapter_starts_equal_to_its_reference(tiny_r
     assert trained and all(".lora_" in n for n in trained)  # only the fresh adapter trains
     # LoRA's B starts at zero: policy and base are the same model at the first step, so the loss is log 2.
     assert step["rewards/chosen"] == pytest.approx(0, abs=1e-6) and step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_an_sft_run_on_drive_is_mounted_before_it_is_read(tmp_path, monkeypatch):
+    import helpers.config
+
+    mounted = []
+    monkeypatch.setattr(helpers.config, "mount_drive_if_needed", mounted.append)
+    with pytest.raises(FileNotFoundError):
+        preference_config({"sft_run_dir": "/content/drive/MyDrive/lora-run"})
+    with pytest.raises(FileNotFoundError):
+        helpers.config.run_config({"run_dir": "/content/drive/MyDrive/dpo-run"})
+    assert mounted == ["/content/drive/MyDrive/lora-run", "/content/drive/MyDrive/dpo-run"]
