@@ -159,7 +159,7 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
                 f"model, tokenizer = FastLanguageModel.from_pretrained(\"{source}\", "
                 f"max_seq_length={p['max_seq_length']}, load_in_4bit={p['load_in_4bit']})\n"
                 "FastLanguageModel.for_inference(model)\n")
-        return f"{intro}{note}\n\n```python\n{code}prompt = {prompt}\n{generate}\n```"
+        return f"{intro}{note}\n\n```python\n{code}{prompt}\n{generate}\n```"
     if export_format in ("merged_16bit", "merged_4bit"):
         needs = " (needs `bitsandbytes` and a CUDA GPU)" if export_format == "merged_4bit" else ""
         code = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -172,6 +172,7 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
     ollama = (f"`ollama run hf.co/{source}`" if is_hub_id(source)
               else "`ollama create my-model -f Modelfile` in this folder, then `ollama run my-model`")
     return f"{intro}\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\nWith Ollama: {ollama}."
+
 
 def _title(source: str) -> str:
     """The repository name, or for a local export (run_dir/export/<format>) the run's folder name."""

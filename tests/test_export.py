@@ -299,3 +299,13 @@ def test_token_agreement_is_one_for_the_same_model_and_counts_each_flipped_step(
     assert token_agreement(model, prompt, wrong) <= 1 - 1 / len(answer) + 1e-9
     with pytest.raises(ValueError, match="no tokens"):
         token_agreement(model, prompt, [])
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+@pytest.mark.parametrize("export_format", ["lora", "merged_16bit"])
+def test_the_model_card_usage_snippet_is_valid_python(template, export_format):
+    card = model_card({"parameters": RunConfig(prompt_template=template).to_dict(), "metrics": {}}, None,
+                      export_format, "me/model")
+    code = card.split("```python\n")[1].split("```")[0]
+    compile(code, "usage", "exec")
+    assert code.count("prompt = ") == 1  # the prompt is built once, as in training
