@@ -14,13 +14,12 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from helpers.model_card import write_model_card
-from helpers.records import read_json, write_json
+from helpers.records import read_json, staged_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +60,6 @@ def token_agreement(model, prompt_ids: list[int], answer_ids: list[int]) -> floa
     with torch.inference_mode():
         logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1:-1]
     return (logits.argmax(-1).cpu() == torch.tensor(answer_ids)).float().mean().item()
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A hidden temporary sibling of `final` to write into, renamed to `final` only if the block completes.
-
-    An error removes it; a killed process leaves only the hidden `.<name>.tmp`, removed by the next export.
-    """
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe_files(folder: Path) -> list[dict[str, Any]]:

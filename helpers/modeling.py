@@ -19,9 +19,7 @@ def load_base_model(config, precision: str):
         dtype=torch_dtype(precision),
         load_in_4bit=config.load_in_4bit,
     )
-    if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of {config.model_name!r} has no EOS token; generation could never stop")
-    return model, tokenizer
+    return model, _with_eos(tokenizer, config.model_name)
 
 
 def load_tokenizer(config):
@@ -29,9 +27,12 @@ def load_tokenizer(config):
     from transformers import AutoTokenizer
 
     check_model_source(config.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    return _with_eos(AutoTokenizer.from_pretrained(config.model_name), config.model_name)
+
+
+def _with_eos(tokenizer, model_name: str):
     if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of {config.model_name!r} has no EOS token; generation could never stop")
+        raise ValueError(f"the tokenizer of {model_name!r} has no EOS token; generation could never stop")
     return tokenizer
 
 
@@ -50,21 +51,20 @@ def add_lora(model, config):
     )
 
 
-def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def load_trained_model(config, precision: str, adapter_dir: str | Path):
-    """The base model with a saved adapter on top, in unsloth's inference mode.
+def load_adapter_model(config, precision: str, adapter_dir: str | Path):
+    """The base model with a saved adapter on top (trainable), and the tokenizer saved with it.
 
     Loaded from the adapter folder, as unsloth documents, so that unsloth's save methods are bound to the LoRA
     wrapper (bound to the bare base model, as `PeftModel.from_pretrained` leaves them, a merged save would
     write the un-merged layers).
     """
-    model, tokenizer = FastLanguageModel.from_pretrained(
+    return FastLanguageModel.from_pretrained(
         model_name=str(adapter_dir), max_seq_length=config.max_seq_length, dtype=torch_dtype(precision),
         load_in_4bit=config.load_in_4bit)
+
+
+def load_trained_model(config, precision: str, adapter_dir: str | Path):
+    """The base model with a saved adapter on top, in unsloth's inference mode."""
+    model, tokenizer = load_adapter_model(config, precision, adapter_dir)
     FastLanguageModel.for_inference(model)
     return model, tokenizer

@@ -9,13 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import helpers.stack  # noqa: F401  (unsloth before trl)
 from helpers import data, modeling, training
-from helpers.environment import is_interactive, torch_dtype
-from helpers.monitoring import LiveLossPlot
 from helpers.records import update_run_record
-from helpers.reliability import StopOnNonFiniteLoss
-from helpers.stack import FastLanguageModel
+from helpers.stack import FastLanguageModel  # unsloth before trl
 
 
 def dpo_config(config, precision: str, with_eval: bool = False):
@@ -33,9 +29,7 @@ def load_policy(config, precision: str):
     if not config.sft_run_dir:
         model, tokenizer = modeling.load_base_model(config, precision)
         return modeling.add_lora(model, config), tokenizer
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(Path(config.sft_run_dir) / "adapter"), max_seq_length=config.max_seq_length,
-        dtype=torch_dtype(precision), load_in_4bit=config.load_in_4bit)
+    model, tokenizer = modeling.load_adapter_model(config, precision, Path(config.sft_run_dir) / "adapter")
     FastLanguageModel.for_training(model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
@@ -43,13 +37,12 @@ def load_policy(config, precision: str):
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
-    """A DPOTrainer over prompt/chosen/rejected rows with the reference the config asks for, watched by the live
-    plot and the loss guard."""
+    """A DPOTrainer over prompt/chosen/rejected rows with the reference the config asks for, watched as SFT is."""
     from trl import DPOTrainer
 
     trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
                          args=dpo_config(config, precision, with_eval=eval_set is not None),
-                         callbacks=[StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())])
+                         callbacks=training.watchers(config))
     if config.reference == "base" and "ref" in trainer.model.peft_config:
         # trl copies a loaded adapter into a frozen "ref" adapter; without it the reference is the base model.
         trainer.model.delete_adapter("ref")

@@ -1,11 +1,15 @@
-"""What a run leaves behind: run.json, train_log.csv, each written atomically (old or new, never torn)."""
+"""What a run leaves behind: run.json, train_log.csv, plots and folders (adapter, exports), each written
+atomically (old or new, never torn)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of `final` to write into, renamed to `final` only if the block completes.
+
+    An error removes it; a killed process leaves only the hidden `.<name>.tmp`, removed by the next save there.
+    """
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from helpers.environment import (
     resolve_precision,
 )
 from helpers.monitoring import LiveLossPlot
-from helpers.records import PREFERENCE_COLUMNS, training_log, update_run_record, write_train_log
+from helpers.records import PREFERENCE_COLUMNS, staged_folder, training_log, update_run_record, write_train_log
 from helpers.reliability import (
     StopOnNonFiniteLoss,
     check_model_source,
@@ -72,18 +71,23 @@ def sft_config(config, precision: str, with_eval: bool = False):
                      completion_only_loss=config.train_on_responses_only, packing=config.packing)
 
 
+def watchers(config) -> list:
+    """What watches every run, SFT or DPO: the live loss plot and the loss guard as Trainer callbacks; with
+    report_to, the tracker's files placed in run_dir."""
+    if config.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
+    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())]
+
+
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
     """An SFTTrainer over the formatted rows (`prompt` and `completion` columns), watched by the live plot and
     the loss guard; with an eval_set, the held-out loss is logged every eval_steps."""
     from trl import SFTTrainer
 
-    if config.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
-    if config.report_to == "wandb":
-        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
     return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
-                      args=sft_config(config, precision, with_eval=eval_set is not None),
-                      callbacks=[StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())])
+                      args=sft_config(config, precision, with_eval=eval_set is not None), callbacks=watchers(config))
 
 
 def prepare_run(config, main_process: bool = True) -> str:
@@ -174,16 +178,9 @@ def _last_logged(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[s
 def save_adapter(model, tokenizer, adapter_dir: Path) -> Path:
     """Save the trained LoRA adapter ('default'; not a frozen reference copy DPO may hold) and the tokenizer into
     adapter_dir through a temporary folder swapped in at the end."""
-    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, selected_adapters=["default"])
-    tokenizer.save_pretrained(tmp)
-    old = adapter_dir.with_name(adapter_dir.name + ".old")
-    if adapter_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        adapter_dir.rename(old)
-    tmp.rename(adapter_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(adapter_dir) as folder:
+        model.save_pretrained(folder, selected_adapters=["default"])
+        tokenizer.save_pretrained(folder)
     return adapter_dir
 
 

@@ -15,12 +15,12 @@ import torch
 
 from helpers.config import RunConfig
 from helpers.environment import PROJECT_ROOT
-from helpers.export import check_all_exported, export_all, staged_folder
+from helpers.export import check_all_exported, export_all
 from helpers.modeling import load_trained_model
 from helpers.hub import TOKEN_HELP, check_push_ready, push_exports
 from helpers.model_card import model_card
 from helpers.pipeline import run_notebook
-from helpers.records import read_json
+from helpers.records import read_json, staged_folder
 from tests.conftest import HF_TOKEN_SENTINEL, assert_token_in_no_file
 
 REPO = "tester/tiny-export"
