@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from helpers.prompts import format_generation_prompt, strip_eos
+from helpers.prompts import format_generation_prompt, with_one_eos
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,20 @@ def load_checked_rows(config, preference: bool = False) -> list[dict[str, Any]]:
     rows = from_conversations(load_rows(config.dataset, config.dataset_split), config, config.dataset)
     fields = {"prompt_field": config.prompt_field, "response_field": config.response_field}
     check_rows(rows, {**fields, "rejected_field": config.rejected_field} if preference else fields, config.dataset)
+    if preference:
+        _refuse_identical_answers(rows, config)
+    log.info("loaded %d rows from %s", len(rows), config.dataset)
+    return rows
+
+
+def _refuse_identical_answers(rows: list[dict[str, Any]], config) -> None:
     same = [number for number, row in enumerate(rows, start=1)
-            if preference and row[config.response_field].strip() == row[config.rejected_field].strip()]
+            if row[config.response_field].strip() == row[config.rejected_field].strip()]
     if same:
         shown = ", ".join(map(str, same[:10])) + (f" and {len(same) - 10} more" if len(same) > 10 else "")
         raise ValueError(f"dataset {config.dataset!r}: {len(same)} rows have the same {config.response_field!r} "
                          f"and {config.rejected_field!r} answer (rows {shown}); a preference needs two different "
                          "answers: fix or remove them")
-    log.info("loaded %d rows from %s", len(rows), config.dataset)
-    return rows
 
 
 def hold_out(rows: list[dict[str, Any]], config,
@@ -171,8 +176,7 @@ def hold_out(rows: list[dict[str, Any]], config,
         write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
                                                          "rows": len(rows), "eval_fraction": config.eval_fraction,
                                                          "seed": config.seed, "eval_indices": held})
-    chosen = set(held)
-    return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
+    return _partition(rows, held)
 
 
 def reuse_split(rows: list[dict[str, Any]], config,
@@ -189,8 +193,14 @@ def reuse_split(rows: list[dict[str, Any]], config,
         raise ValueError(f"{path} split dataset {split['dataset']!r} of {split['rows']} rows, but this run has "
                          f"{config.dataset!r} with {len(rows)} rows: the held-out rows cannot be found again")
     write_json(Path(config.run_dir) / "split.json", {**split, "from_run": str(source_run_dir)})
-    held = set(split["eval_indices"])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in split["eval_indices"]]
+    return _partition(rows, split["eval_indices"])
+
+
+def _partition(rows: list[dict[str, Any]],
+               held: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows not held out, the held-out rows in the order of `held`)."""
+    chosen = set(held)
+    return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
 
 
 def held_out_rows(config) -> list[dict[str, Any]]:
@@ -236,12 +246,9 @@ def to_preference_set(rows: list[dict[str, Any]], config, tokenizer):
 
 def _formatted(rows, config, tokenizer, answer_fields) -> tuple[list[str], list[list[str]]]:
     """The generation prompts and, for each answer field, the answers each ending in one EOS."""
-    eos = tokenizer.eos_token
-    if not eos:
-        raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
     prompts = [format_generation_prompt(config.prompt_template, row[config.prompt_field], tokenizer,
                                         config.system_prompt) for row in rows]
-    return prompts, [[strip_eos(row[field], eos) + eos for row in rows] for field in answer_fields]
+    return prompts, [[with_one_eos(row[field], tokenizer.eos_token) for row in rows] for field in answer_fields]
 
 
 def _within_length(prompts: list[str], answers: list[list[str]], config, tokenizer) -> list[int]:

@@ -64,16 +64,16 @@ def format_generation_prompt(template: str, prompt: Any, tokenizer=None, system_
 def format_training_text(template: str, prompt: Any, response: str, eos_token: str, tokenizer=None,
                          system_prompt: str = "") -> str:
     """Training text for one row: the generation prompt, the response, exactly one EOS."""
+    return format_generation_prompt(template, prompt, tokenizer, system_prompt) + with_one_eos(response, eos_token)
+
+
+def with_one_eos(response: str, eos_token: str) -> str:
+    """The response ending in exactly one EOS (any it already ends with are dropped first)."""
     if not eos_token:
         raise ValueError("the tokenizer has no EOS token; the model could never learn to stop")
-    return format_generation_prompt(template, prompt, tokenizer, system_prompt) + strip_eos(response, eos_token) + eos_token
-
-
-def strip_eos(response: str, eos_token: str) -> str:
-    """The response without any EOS strings at its end (so that exactly one can be appended)."""
-    while eos_token and response.endswith(eos_token):
+    while response.endswith(eos_token):
         response = response.removesuffix(eos_token)
-    return response
+    return response + eos_token
 
 
 def check_template(template: str) -> None:
