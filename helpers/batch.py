@@ -21,6 +21,7 @@ from helpers.config import RunConfig
 from helpers.environment import PROJECT_ROOT, mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
 from helpers.pipeline import NOTEBOOKS, load_profile, notebook_parameter_names, run_notebook, use_offline_hub_when_local
+from helpers.plotting import moving_average
 from helpers.records import atomic_write_text, read_json, read_train_log, save_figure, write_json
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__
@@ -93,11 +94,11 @@ def run_batch(plan: Plan | str | Path, retry_failed: bool = True, out_root: str 
     check_notebooks(plan.notebooks)
     mount_drive_if_needed(str(plan.out_dir))
     check_recorded_parameters(plan)
-    todo = [p for p in plan.points if point_status(p, plan.notebooks) != "finished"
-            and (retry_failed or point_status(p, plan.notebooks) != "failed")]
+    statuses = [point_status(p, plan.notebooks) for p in plan.points]
+    todo = [p for p, status in zip(plan.points, statuses)
+            if status != "finished" and (retry_failed or status != "failed")]
     log.info("batch %s: %d points; %d to run, %d finished%s", plan.name, len(plan.points), len(todo),
-             sum(point_status(p, plan.notebooks) == "finished" for p in plan.points),
-             "" if retry_failed else " (failed points left as they are)")
+             statuses.count("finished"), "" if retry_failed else " (failed points left as they are)")
     use_offline_hub_when_local([p.config for p in plan.points])
     _prepare_models(plan, todo)
     ran, failed, started = [], 0, time.perf_counter()
@@ -242,7 +243,7 @@ def plot_loss_curves(plan: Plan, path: Path) -> Path:
             continue
         steps, losses = zip(*train)
         window = len(losses) // 10 if len(losses) >= 20 else 1  # noisy steps: draw a moving average over them
-        (line,) = ax.plot(steps, _moving_average(losses, window), linewidth=1.8, label=point.name)
+        (line,) = ax.plot(steps, moving_average(losses, before=window - 1), linewidth=1.8, label=point.name)
         if window > 1:
             ax.plot(steps, losses, linewidth=0.8, alpha=0.3, color=line.get_color())
             smoothed = True
@@ -273,11 +274,6 @@ def plan_markdown(plan: Plan) -> str:
     lines += [f"| {p.name} | " + " | ".join(str(_cell(getattr(p.config, k, None))) for k in plan.varied)
               + f" | {point_status(p, plan.notebooks)} |" for p in plan.points]
     return "\n".join(lines) + "\n"
-
-
-def _moving_average(values: tuple[float, ...], window: int) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-            for i in range(len(values))]
 
 
 def _train_log(point: Point) -> list[dict[str, Any]]:

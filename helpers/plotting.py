@@ -23,8 +23,7 @@ def plot_loss(run_dir: str | Path, title: str | None = None):
     ax.plot(steps, losses, marker="." if len(rows) < 60 else None, label="training loss")
     if len(rows) >= 10:
         half = max(1, len(rows) // 20)  # centred window: follows the curve without lagging behind it
-        smooth = [sum(losses[max(0, i - half): i + half + 1]) / len(losses[max(0, i - half): i + half + 1])
-                  for i in range(len(losses))]
+        smooth = moving_average(losses, before=half, after=half)
         ax.plot(steps, smooth, linewidth=2, label=f"moving average ({2 * half + 1} steps)")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", linewidth=2,
@@ -54,3 +53,9 @@ def _plot_reward(ax, log, name: str) -> None:
                   "margins": "reward margin: chosen minus rejected"}[name])
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def moving_average(values, before: int, after: int = 0) -> list[float]:
+    """Each value averaged with up to `before` values before it and `after` after it (fewer at the ends)."""
+    windows = [values[max(0, i - before): i + after + 1] for i in range(len(values))]
+    return [sum(window) / len(window) for window in windows]
