@@ -207,13 +207,10 @@ def run_config(namespace: dict[str, Any]) -> RunConfig:
     """The config of a notebook that works on a finished run: what the run recorded, then this notebook's values."""
     params = notebook_parameters(namespace)
     RunConfig.from_dict(params)  # unknown names and bad values fail here, before run_dir is read
-    run_dir = params.get("run_dir", RunConfig.run_dir)
-    mount_drive_if_needed(run_dir)  # on Colab a run handed over on Drive is there only once Drive is mounted
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run_dir {str(path.parent)!r} holds no training run "
-                                "(run 01_train_lora first, with the same run_dir)")
-    return RunConfig.from_dict({**json.loads(path.read_text())["parameters"], **params})
+    run_dir = str(Path(params.get("run_dir", RunConfig.run_dir)))
+    record = _run_record(run_dir, f"run_dir {run_dir!r} holds no training run (run 01_train_lora first, with the "
+                                  "same run_dir)")
+    return RunConfig.from_dict({**record["parameters"], **params})
 
 
 def preference_config(namespace: dict[str, Any]) -> RunConfig:
@@ -227,12 +224,8 @@ def preference_config(namespace: dict[str, Any]) -> RunConfig:
                          "dispreferred answers")
     if not config.sft_run_dir:
         return config
-    mount_drive_if_needed(config.sft_run_dir)
-    path = Path(config.sft_run_dir) / "run.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: sft_run_dir {config.sft_run_dir!r} holds no training run "
-                                "(run 01_train_lora there first, or set sft_run_dir='' to start from the base model)")
-    record = json.loads(path.read_text())
+    record = _run_record(config.sft_run_dir, f"sft_run_dir {config.sft_run_dir!r} holds no training run (run "
+                         "01_train_lora there first, or set sft_run_dir='' to start from the base model)")
     if record.get("status") != "finished" or not (Path(config.sft_run_dir) / "adapter").is_dir():
         raise ValueError(f"sft_run_dir {config.sft_run_dir!r} holds an unfinished run (status "
                          f"{record.get('status')!r}); finish it with 01_train_lora first")
@@ -243,6 +236,16 @@ def preference_config(namespace: dict[str, Any]) -> RunConfig:
         raise ValueError(f"sft_run_dir {config.sft_run_dir!r} was trained with other settings ({'; '.join(clashes)}); "
                          "DPO continues that run's adapter, so leave these at their defaults to inherit them")
     return RunConfig.from_dict({**params, **{name: sft[name] for name in INHERITED_FROM_SFT}})
+
+
+def _run_record(run_dir: str, missing: str) -> dict[str, Any]:
+    """run_dir/run.json, read after mounting Drive on Colab when run_dir lies there (a run handed over on Drive
+    is there only then); FileNotFoundError saying `missing` when there is none."""
+    mount_drive_if_needed(run_dir)
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {missing}")
+    return json.loads(path.read_text())
 
 
 @functools.cache

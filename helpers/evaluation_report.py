@@ -48,8 +48,7 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
 
 def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, metrics) of each model scored: base, the compared runs, then this run."""
-    return [("base", results["base"]), *results.get("compared", {}).items(),
-            (results.get("run", "tuned"), results["tuned"])]
+    return [("base", results["base"]), *results["compared"].items(), (results["run"], results["tuned"])]
 
 
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:

@@ -19,7 +19,6 @@ PROFILES = NOTEBOOKS / "params"
 PIPELINE = ("00_setup", "01_train_lora", "02_inference", "03_evaluate")
 
 
-
 def profile_names() -> list[str]:
     """The profiles shipped in notebooks/params."""
     return sorted(p.stem for p in PROFILES.glob("*.yaml"))
