@@ -61,7 +61,7 @@ class RunConfig:
     long_rows: str = "truncate"
     # LoRA
     lora_r: int = 64
-    lora_alpha: int = 64
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
     # training
@@ -75,6 +75,7 @@ class RunConfig:
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_8bit"
     seed: int = 3407
+    lora_random_state: int = 3927
     logging_steps: int = 1
     report_to: str = "none"
     packing: bool = False

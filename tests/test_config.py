@@ -1,11 +1,15 @@
 """RunConfig: tutorial defaults, validation with helpful messages, notebook namespaces, recorded runs."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+from pathlib import Path
 
+import nbformat
 import pytest
+import yaml
 
 from helpers.config import (
     DEFAULT_PROMPTS,
@@ -23,24 +27,57 @@ from helpers.config import (
 # ---------------------------------------------------------------- defaults
 
 
-def test_defaults_are_the_tutorial_recipe():
-    config = RunConfig()
-    assert config.model_name == "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit"
-    assert config.max_seq_length == 2048
-    assert config.load_in_4bit is True
-    assert config.lora_r == 64
-    assert config.lora_alpha == 64
-    assert config.lora_dropout == 0.0
-    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert config.learning_rate == 2e-4
-    assert config.per_device_train_batch_size == 2
-    assert config.gradient_accumulation_steps == 4
-    assert config.max_steps == 120
-    assert config.optim == "adamw_8bit"
-    assert config.lr_scheduler_type == "linear"
-    assert config.dataset == "HumanLLMs/Human-Like-DPO-Dataset"
-    assert (config.prompt_field, config.response_field) == ("prompt", "chosen")
-    assert config.prompt_template == "alpaca"
+# The tutorial's recipe, field by field (bias "none" and gradient checkpointing "unsloth" are fixed in add_lora).
+TUTORIAL_RECIPE = {
+    "model_name": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+    "max_seq_length": 2048,
+    "load_in_4bit": True,
+    "dataset": "HumanLLMs/Human-Like-DPO-Dataset",
+    "prompt_field": "prompt",
+    "response_field": "chosen",
+    "prompt_template": "alpaca",
+    "lora_r": 64,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "lora_random_state": 3927,
+    "seed": 3407,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "warmup_steps": 5,
+    "max_steps": 120,
+    "learning_rate": 2e-4,
+    "optim": "adamw_8bit",
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "linear",
+}
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _parameters_cell_values(notebook: Path) -> dict:
+    (cell,) = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("place", ["colab_t4.yaml", "RunConfig defaults", "01_train_lora parameters cell"])
+def test_the_tutorial_recipe_is_stated_field_by_field(place):
+    values = {"colab_t4.yaml": lambda: yaml.safe_load((NOTEBOOKS / "params/colab_t4.yaml").read_text()),
+              "RunConfig defaults": lambda: RunConfig().to_dict(),
+              "01_train_lora parameters cell": lambda: _parameters_cell_values(NOTEBOOKS / "01_train_lora.ipynb")}[place]()
+    drifted = {name: values.get(name, "(missing)") for name, value in TUTORIAL_RECIPE.items()
+               if values.get(name, "(missing)") != value or type(values.get(name)) is not type(value)}
+    assert not drifted, f"{place} departs from the tutorial's recipe: {drifted}"
+
+
+def test_lora_is_added_with_the_tutorials_bias_checkpointing_and_init_seed(monkeypatch):
+    from helpers import modeling
+
+    calls = []
+    monkeypatch.setattr(modeling.FastLanguageModel, "get_peft_model", lambda model, **kwargs: calls.append(kwargs))
+    modeling.add_lora(object(), RunConfig())
+    (kwargs,) = calls
+    assert (kwargs["bias"], kwargs["use_gradient_checkpointing"]) == ("none", "unsloth")
+    assert (kwargs["r"], kwargs["lora_alpha"], kwargs["random_state"]) == (64, 16, 3927)
 
 
 def test_default_lists_are_not_shared():
