@@ -54,9 +54,13 @@ TUTORIAL_RECIPE = {
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def _parameters_cell_values(notebook: Path) -> dict:
+def _parameters_cell_source(notebook: Path) -> str:
     (cell,) = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
-    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    return cell.source
+
+
+def _parameters_cell_values(notebook: Path) -> dict:
+    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(_parameters_cell_source(notebook)).body}
 
 
 @pytest.mark.parametrize("place", ["colab_t4.yaml", "RunConfig defaults", "01_train_lora parameters cell"])
@@ -308,6 +312,28 @@ def test_notebook_config_validates_parameters():
     config = notebook_config({"lora_r": 8, "max_steps": 3, "json": json, "__doc__": None})
     assert (config.lora_r, config.max_steps) == (8, 3)
     assert config.learning_rate == 2e-4  # default kept
+
+
+def test_the_check_cell_can_run_again_after_later_cells_bound_names():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell()
+    shell.run_cell(_parameters_cell_source(NOTEBOOKS / "01_train_lora.ipynb"))  # typed: IPython annotates them
+    shell.run_cell("max_steps = 3\n")  # as papermill injects a value: an assignment
+    check = "import helpers.config\nconfig = helpers.config.notebook_config(globals())"
+    for _ in range(2):  # the second time, config, rows and precision are globals of the notebook's own making
+        assert shell.run_cell(check).success
+        assert shell.user_ns["config"].max_steps == 3
+        shell.run_cell("rows = [{'prompt': 'a'}]\nprecision = 'fp32'")
+    assert set(shell.user_ns["__annotations__"]) >= {"max_steps", "lora_r"} and "rows" not in shell.user_ns[
+        "__annotations__"]
+
+
+def test_a_misspelt_injected_name_is_refused_and_stays_refused():
+    namespace = {"__annotations__": {"lora_r": int}, "lora_r": 8, "learnig_rate": 0.1}
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"'learnig_rate' \(did you mean 'learning_rate'\?\)"):
+            notebook_config(namespace)
 
 
 def test_notebook_config_unknown_name_raises():

@@ -279,3 +279,42 @@ def test_evaluate_model_checks_fields_before_scoring(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="response_field 'answer' is not a column"):
         evaluate_model(model, tokenizer, TEMPLATE, ROWS, "prompt", "answer")
+
+
+# ---------------------------------------------------------------- compared runs
+
+
+def test_compared_runs_in_folders_named_alike_are_kept_apart_by_path(tmp_path, monkeypatch):
+    import contextlib
+
+    from helpers import evaluation_report
+    from helpers.config import RunConfig
+
+    first, second = tmp_path / "a/run", tmp_path / "b/run"
+    for run in (first, second):
+        (run / "adapter").mkdir(parents=True)
+
+    class AdapterModel:  # records which adapter each evaluation ran with
+        active, paths = "default", {}
+
+        def disable_adapter(self):
+            return contextlib.nullcontext()
+
+        def load_adapter(self, path, adapter_name):
+            self.paths[adapter_name] = path
+
+        def set_adapter(self, name):
+            self.active = name
+
+        def delete_adapter(self, name):
+            del self.paths[name]
+
+    monkeypatch.setattr(evaluation_report, "evaluate_model",
+                        lambda model, tokenizer, **kwargs: {"adapter": model.paths.get(model.active, model.active)})
+    config = RunConfig(run_dir=str(tmp_path / "run"), compare_runs=[str(first), str(second)])
+    results = evaluation_report.evaluate_run(AdapterModel(), None, config, [])
+    assert results["compared"] == {str(first): {"adapter": str(first / "adapter")},
+                                   str(second): {"adapter": str(second / "adapter")}}
+    assert results["run"] == str(tmp_path / "run")
+    with pytest.raises(ValueError, match="names .*a/run' more than once"):
+        evaluation_report.compared_runs(RunConfig(compare_runs=[str(first), str(first) + "/"]))
