@@ -52,8 +52,13 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
 
 
 def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, metrics) of each model scored: base, the compared runs, then this run."""
-    return [("base", results["base"]), *results["compared"].items(), (results["run"], results["tuned"])]
+    """(label, metrics) of each model scored: base, the compared runs, then this run; each run labelled by the
+    shortest end of its path that tells it from the others (its folder name, unless two are named alike)."""
+    runs = [*results["compared"], results["run"]]
+    parts = [Path(run).parts for run in runs]
+    labels = next((ends for depth in range(1, max(map(len, parts)) + 1)
+                   if len(set(ends := ["/".join(p[-depth:]) for p in parts])) == len(runs)), runs)
+    return [("base", results["base"]), *zip(labels, [*results["compared"].values(), results["tuned"]])]
 
 
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:

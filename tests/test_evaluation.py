@@ -316,5 +316,7 @@ def test_compared_runs_in_folders_named_alike_are_kept_apart_by_path(tmp_path, m
     assert results["compared"] == {str(first): {"adapter": str(first / "adapter")},
                                    str(second): {"adapter": str(second / "adapter")}}
     assert results["run"] == str(tmp_path / "run")
+    labels = [label for label, _ in evaluation_report._columns(results)]
+    assert labels == ["base", "a/run", "b/run", f"{tmp_path.name}/run"]  # told apart in the table and the chart
     with pytest.raises(ValueError, match="names .*a/run' more than once"):
         evaluation_report.compared_runs(RunConfig(compare_runs=[str(first), str(first) + "/"]))
