@@ -65,9 +65,10 @@ def _parameters_cell_values(notebook: Path) -> dict:
 
 @pytest.mark.parametrize("place", ["colab_t4.yaml", "RunConfig defaults", "01_train_lora parameters cell"])
 def test_the_tutorial_recipe_is_stated_field_by_field(place):
-    values = {"colab_t4.yaml": lambda: yaml.safe_load((NOTEBOOKS / "params/colab_t4.yaml").read_text()),
-              "RunConfig defaults": lambda: RunConfig().to_dict(),
-              "01_train_lora parameters cell": lambda: _parameters_cell_values(NOTEBOOKS / "01_train_lora.ipynb")}[place]()
+    read = {"colab_t4.yaml": lambda: yaml.safe_load((NOTEBOOKS / "params/colab_t4.yaml").read_text()),
+            "RunConfig defaults": lambda: RunConfig().to_dict(),
+            "01_train_lora parameters cell": lambda: _parameters_cell_values(NOTEBOOKS / "01_train_lora.ipynb")}
+    values = read[place]()
     drifted = {name: values.get(name, "(missing)") for name, value in TUTORIAL_RECIPE.items()
                if values.get(name, "(missing)") != value or type(values.get(name)) is not type(value)}
     assert not drifted, f"{place} departs from the tutorial's recipe: {drifted}"
