@@ -315,19 +315,36 @@ def test_notebook_config_validates_parameters():
     assert config.learning_rate == 2e-4  # default kept
 
 
-def test_the_check_cell_can_run_again_after_later_cells_bound_names():
-    from IPython.core.interactiveshell import InteractiveShell
+# Runs in its own interpreter: an IPython shell takes over sys.modules["__main__"] and builtins.
+CHECK_CELL_TWICE = """
+import json, sys
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
 
-    shell = InteractiveShell()
-    shell.run_cell(_parameters_cell_source(NOTEBOOKS / "01_train_lora.ipynb"))  # typed: IPython annotates them
-    shell.run_cell("max_steps = 3\n")  # as papermill injects a value: an assignment
-    check = "import helpers.config\nconfig = helpers.config.notebook_config(globals())"
-    for _ in range(2):  # the second time, config, rows and precision are globals of the notebook's own making
-        assert shell.run_cell(check).success
-        assert shell.user_ns["config"].max_steps == 3
-        shell.run_cell("rows = [{'prompt': 'a'}]\nprecision = 'fp32'")
-    assert set(shell.user_ns["__annotations__"]) >= {"max_steps", "lora_r"} and "rows" not in shell.user_ns[
-        "__annotations__"]
+config = Config()
+config.HistoryManager.hist_file = ":memory:"
+shell = InteractiveShell(config=config)
+shell.run_cell(sys.stdin.read())  # the parameters cell: typed, so IPython annotates its names
+shell.run_cell("max_steps = 3")  # as papermill injects a value: an assignment
+check = "import helpers.config; config = helpers.config.notebook_config(globals())"
+runs = []
+for _ in range(2):  # the second time, config, rows and precision are globals of the notebook's own making
+    result = shell.run_cell(check)
+    runs.append([result.success, repr(result.error_in_exec), shell.user_ns["config"].max_steps])
+    shell.run_cell("rows = [{'prompt': 'a'}]; precision = 'fp32'")
+print(json.dumps({"runs": runs, "annotated": sorted(shell.user_ns["__annotations__"])}))
+"""
+
+
+def test_the_check_cell_can_run_again_after_later_cells_bound_names():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CHECK_CELL_TWICE], check=True, capture_output=True, text=True,
+                         input=_parameters_cell_source(NOTEBOOKS / "01_train_lora.ipynb")).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["runs"] == [[True, "None", 3], [True, "None", 3]]
+    assert {"max_steps", "lora_r"} <= set(result["annotated"]) and "rows" not in result["annotated"]
 
 
 def test_a_misspelt_injected_name_is_refused_and_stays_refused():
