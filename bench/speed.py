@@ -64,8 +64,8 @@ def load(backend: str, model_path: str, max_length: int, precision: str):
 
         model, tokenizer = FastLanguageModel.from_pretrained(model_path, max_seq_length=max_length, dtype=dtype,
                                                              load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=64, lora_dropout=0.0, target_modules=modules,
-                                                 use_gradient_checkpointing="unsloth", random_state=3407)
+        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
+                                                 use_gradient_checkpointing="unsloth", random_state=3927)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -75,7 +75,7 @@ def load(backend: str, model_path: str, max_length: int, precision: str):
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quant, dtype=dtype,
                                                  device_map={"": 0}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=modules,
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
                                              task_type="CAUSAL_LM"))
     for param in model.parameters():
         if param.requires_grad:  # the QLoRA recipe: trainable weights in fp32, so the fp16 grad scaler can unscale

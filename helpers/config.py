@@ -61,7 +61,7 @@ class RunConfig:
     long_rows: str = "truncate"
     # LoRA
     lora_r: int = 64
-    lora_alpha: int = 64
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
     # training
@@ -75,6 +75,7 @@ class RunConfig:
     lr_scheduler_type: str = "linear"
     optim: str = "adamw_8bit"
     seed: int = 3407
+    lora_random_state: int = 3927
     logging_steps: int = 1
     report_to: str = "none"
     packing: bool = False
@@ -187,15 +188,23 @@ INHERITED_FROM_SFT = ("model_name", "load_in_4bit", "dataset", "dataset_split", 
 
 # Names IPython and Jupyter put into a kernel's namespace, which are not parameters.
 _KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+# Where notebook_parameters remembers, in the kernel, which names were there at its first call.
+_PARAMETER_NAMES = "_notebook_parameter_names"
 
 
 def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The parameters in a notebook's globals: its parameters cell plus what papermill injected."""
-    return {
-        name: value for name, value in namespace.items()
-        if not name.startswith("_") and name not in _KERNEL_NAMES
-        and not isinstance(value, types.ModuleType) and not callable(value)
-    }
+    """The parameters in a notebook's globals: the names its parameters cell declares (typed, so IPython lists
+    them in __annotations__; papermill's injected cell only assigns) and the plain values already there at the
+    first call (papermill's injected names, a misspelt one included, so that it is refused). Names the notebook's
+    own cells bind later (config, rows, ...) are not parameters, so a check cell can be run again in Jupyter."""
+    if _PARAMETER_NAMES not in namespace:
+        namespace[_PARAMETER_NAMES] = {
+            name for name, value in namespace.items()
+            if not name.startswith("_") and name not in _KERNEL_NAMES
+            and not isinstance(value, types.ModuleType) and not callable(value)
+        }
+    names = namespace[_PARAMETER_NAMES] | set(namespace.get("__annotations__", {}))
+    return {name: value for name, value in namespace.items() if name in names}
 
 
 def notebook_config(namespace: dict[str, Any]) -> RunConfig:
@@ -224,6 +233,9 @@ def preference_config(namespace: dict[str, Any]) -> RunConfig:
                          "dispreferred answers")
     if not config.sft_run_dir:
         return config
+    if Path(config.sft_run_dir).resolve() == Path(config.run_dir).resolve():
+        raise ValueError(f"run_dir {config.run_dir!r} is the sft_run_dir: DPO would write over the SFT run it "
+                         "continues (with overwrite=True, remove the adapter it starts from); choose another run_dir")
     record = _run_record(config.sft_run_dir, f"sft_run_dir {config.sft_run_dir!r} holds no training run (run "
                          "01_train_lora there first, or set sft_run_dir='' to start from the base model)")
     if record.get("status") != "finished" or not (Path(config.sft_run_dir) / "adapter").is_dir():

@@ -106,7 +106,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def from_conversations(rows: list[dict[str, Any]], config, source: str) -> list[dict[str, Any]]:
     """Rows in conversation form (`messages` of {role, content}, or ShareGPT `conversations` of {from, value})
     mapped to prompt/response rows: the prompt is every turn before the last assistant turn, the response that
-    turn. Other columns (a `rejected` answer, say) are kept. Rows already in prompt/response form pass through."""
+    turn. Other columns (a `rejected` answer, say) are kept. Rows already in prompt/response form pass through.
+    The alpaca template takes only one user turn and its answer: longer conversations are refused under it."""
     if not rows or config.prompt_field in rows[0]:
         return rows
     column = next((c for c in CONVERSATION_COLUMNS if c in rows[0]), None)
@@ -129,6 +130,11 @@ def from_conversations(rows: list[dict[str, Any]], config, source: str) -> list[
         for message in messages:
             if not isinstance(message["content"], str) or not message["content"].strip():
                 raise ValueError(f"{source!r} row {number}: a {message['role']} message is empty or not text")
+        if config.prompt_template == "alpaca" and len(messages) > 2:
+            raise ValueError(f"{source!r} row {number}: a conversation of {len(messages)} turns (roles "
+                             f"{', '.join(m['role'] for m in messages)}), but prompt_template 'alpaca' holds one "
+                             "instruction and one response and would drop the other turns; use "
+                             "prompt_template=\"chat\" for conversations")
         others = {k: v for k, v in row.items() if k != column}
         mapped.append({**others, config.prompt_field: messages[:-1], config.response_field: messages[-1]["content"]})
     log.info("mapped %d conversations from column %r to prompt/response rows", len(mapped), column)

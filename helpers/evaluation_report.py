@@ -13,8 +13,13 @@ METRICS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
 
 
 def compared_runs(config) -> list[str]:
-    """The other runs to score on this run's held-out rows: compare_runs, or else the SFT run a DPO run continued."""
-    runs = list(config.compare_runs) or ([config.sft_run_dir] if config.sft_run_dir else [])
+    """The other runs to score on this run's held-out rows: compare_runs, or else the SFT run a DPO run continued;
+    each named by its path (two runs in folders named alike stay apart)."""
+    runs = [str(Path(run)) for run in config.compare_runs] or ([str(Path(config.sft_run_dir))] if config.sft_run_dir
+                                                               else [])
+    repeated = sorted({run for run in runs if runs.count(run) > 1})
+    if repeated:
+        raise ValueError(f"compare_runs names {', '.join(map(repr, repeated))} more than once; name each run once")
     for run in runs:
         if not (Path(run) / "adapter").is_dir():
             raise FileNotFoundError(f"compare_runs: {run!r} holds no trained adapter ({run}/adapter is missing)")
@@ -37,18 +42,23 @@ def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[s
         name = f"compared_{number}"
         model.load_adapter(str(Path(run) / "adapter"), adapter_name=name)
         model.set_adapter(name)
-        compared[Path(run).name] = evaluate_model(model, tokenizer, **kwargs)
+        compared[run] = evaluate_model(model, tokenizer, **kwargs)
         model.set_adapter("default")
         model.delete_adapter(name)
     tuned = evaluate_model(model, tokenizer, **kwargs)
     return {"rows": len(rows), "response_field": config.response_field, "rejected_field": config.rejected_field,
-            "run": Path(config.run_dir).name, "base": base, "compared": compared, "tuned": tuned,
+            "run": str(Path(config.run_dir)), "base": base, "compared": compared, "tuned": tuned,
             "memory": peak_memory()}
 
 
 def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, metrics) of each model scored: base, the compared runs, then this run."""
-    return [("base", results["base"]), *results["compared"].items(), (results["run"], results["tuned"])]
+    """(label, metrics) of each model scored: base, the compared runs, then this run; each run labelled by the
+    shortest end of its path that tells it from the others (its folder name, unless two are named alike)."""
+    runs = [*results["compared"], results["run"]]
+    parts = [Path(run).parts for run in runs]
+    labels = next((ends for depth in range(1, max(map(len, parts)) + 1)
+                   if len(set(ends := ["/".join(p[-depth:]) for p in parts])) == len(runs)), runs)
+    return [("base", results["base"]), *zip(labels, [*results["compared"].values(), results["tuned"]])]
 
 
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:

@@ -186,7 +186,8 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
     """Save one format through a temporary folder, write its model card, reload and check it; return its record.
 
     unsloth refusing the format (NotImplementedError) is recorded as 'refused' with its reason, any other
-    error as 'failed'; neither leaves a folder behind.
+    error (a failed reload check too) as 'failed'; neither leaves a folder behind, and an earlier export of the
+    format stays as it was.
     """
     final = export_dir(config.run_dir) / export_format
     entry: dict[str, Any] = {"format": export_format, "path": final.relative_to(config.run_dir).as_posix()}
@@ -200,6 +201,8 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
             _save(export_format, model, tokenizer, config, folder)
             write_model_card(folder, config, export_format)
             entry["reload"] = reload_check(export_format, folder, config, precision, expected)
+            if "error" in entry["reload"]:  # a format that does not load back is not exported
+                raise RuntimeError(f"the reload check failed: {entry['reload']['error']}")
             entry["files"] = describe_files(folder)
     except NotImplementedError as error:
         log.warning("%s refused by unsloth: %s", export_format, error)
@@ -227,7 +230,10 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
                     check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"]})
     for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
         log.info("exporting %s", name)
+        previous = manifest["formats"].get(name)
         manifest["formats"][name] = export_format(name, model, tokenizer, config, precision, expected)
+        if manifest["formats"][name]["status"] != "ok" and previous and (out / name).is_dir():
+            manifest["formats"][name]["previous"] = previous  # still on disk: what it is, not what was asked
         manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(path, manifest)
     return manifest

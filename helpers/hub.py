@@ -52,7 +52,14 @@ def check_push_ready(config) -> None:
 
 
 def push_plan(config, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a push uploads: per exported format its repository, privacy and files; formats not exported skipped."""
+    """What a push uploads: per exported format its repository, privacy and files; formats unsloth refused here
+    skipped. A requested format whose export failed (its reload check included) is refused, naming each one."""
+    failed = {name: manifest["formats"][name].get("reason", "") for name in config.formats
+              if manifest["formats"].get(name, {}).get("status") == "failed"}
+    if failed:
+        raise RuntimeError("push refused, nothing was uploaded: requested formats whose export failed: "
+                           + "; ".join(f"{name} ({reason})" for name, reason in failed.items())
+                           + ". Export them again, or leave them out of formats.")
     uploads, skipped = [], {}
     for name, entry in manifest["formats"].items():
         if name not in config.formats:

@@ -46,7 +46,7 @@ def add_lora(model, config):
         target_modules=list(config.target_modules),
         bias="none",
         use_gradient_checkpointing="unsloth",
-        random_state=config.seed,
+        random_state=config.lora_random_state,
         max_seq_length=config.max_seq_length,
     )
 

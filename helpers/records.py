@@ -42,9 +42,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def staged_folder(final: Path) -> Iterator[Path]:
     """A hidden temporary sibling of `final` to write into, renamed to `final` only if the block completes.
 
-    An error removes it; a killed process leaves only the hidden `.<name>.tmp`, removed by the next save there.
+    An error removes it; a killed process leaves only the hidden `.<name>.tmp`, removed by the next save there
+    (or, killed between the final renames, the old folder as `.<name>.old`, put back by the next save there).
     """
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():  # killed between the two renames below: the old one comes back
+        old.rename(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -52,7 +55,6 @@ def staged_folder(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

@@ -30,18 +30,72 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+# Where an overwrite=True rerun keeps the finished run it replaces until the new one has finished. Files move one
+# by one only into REPLACING (setting aside) or out of RESTORING (putting back), each then renamed in one step, so
+# that a kill at any point leaves the old run whole in place, whole in REPLACED, or split in a way the next call
+# completes.
+REPLACING, REPLACED, RESTORING = ".replacing", ".replaced", ".restoring"
+
+
 def check_run_dir(config) -> None:
-    """Refuse a run_dir holding a finished run unless overwrite=True (then clear it); before anything loads."""
+    """Refuse a run_dir holding a finished run unless overwrite=True; before anything loads. With overwrite the
+    finished run is set aside (run_dir/.replaced) until the new one finishes; a run set aside by an overwrite that
+    did not finish (killed, failed) is first put back."""
     run_dir = Path(config.run_dir)
+    restore_replaced_run(run_dir)
     record = run_dir / "run.json"
     finished = record.exists() and json.loads(record.read_text()).get("status") == "finished"
     if finished and not config.overwrite:
         raise RunExistsError(f"run_dir {str(run_dir)!r} holds a finished run; choose another run_dir, "
                              "or set overwrite=True to replace it")
-    if finished or config.resume == "never":
+    if finished:
+        (run_dir / REPLACING).mkdir()
         for name in RUN_FILES:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if (run_dir / name).exists():
+                (run_dir / name).rename(run_dir / REPLACING / name)
+        (run_dir / REPLACING).rename(run_dir / REPLACED)
+        log.info("the finished run in %s is set aside in %s until the new run finishes", run_dir, REPLACED)
+    elif config.resume == "never":
+        _remove_run_files(run_dir)
+
+
+def restore_replaced_run(run_dir: str | Path) -> bool:
+    """Put back a finished run that an unfinished overwrite set aside (the unfinished run's files are removed);
+    drop it once the new run has finished. True when one was put back."""
+    run_dir = Path(run_dir)
+    record = run_dir / "run.json"
+    if (run_dir / REPLACING).is_dir():  # killed while setting aside: the new run had not started
+        _move_back(run_dir / REPLACING)
+    if (run_dir / RESTORING).is_dir():  # killed while putting back: the new run's files are gone already
+        _move_back(run_dir / RESTORING)
+        return True
+    if not (run_dir / REPLACED).is_dir():
+        return False
+    if record.exists() and json.loads(record.read_text()).get("status") == "finished":
+        shutil.rmtree(run_dir / REPLACED)
+        return False
+    _remove_run_files(run_dir)
+    (run_dir / REPLACED).rename(run_dir / RESTORING)
+    _move_back(run_dir / RESTORING)
+    log.warning("the overwrite of %s did not finish; the finished run it was replacing is back", run_dir)
+    return True
+
+
+def _move_back(aside: Path) -> None:
+    for path in aside.iterdir():
+        path.rename(aside.parent / path.name)
+    aside.rmdir()
+
+
+def discard_replaced_run(run_dir: str | Path) -> None:
+    """Once a new run has finished, drop the run it replaced."""
+    shutil.rmtree(Path(run_dir) / REPLACED, ignore_errors=True)
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def check_model_source(model_name: str) -> None:

@@ -25,8 +25,10 @@ from helpers.reliability import (
     check_model_source,
     check_run_dir,
     checkpoint_tokens,
+    discard_replaced_run,
     latest_checkpoint,
     out_of_memory_advice,
+    restore_replaced_run,
 )
 
 log = logging.getLogger(__name__)
@@ -127,10 +129,12 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
     except torch.OutOfMemoryError as error:
         if trainer.is_world_process_zero():
             update_run_record(run_dir, status="failed", error="out of memory")
+            restore_replaced_run(run_dir)  # an overwrite that failed gives the finished run back
         raise RuntimeError(out_of_memory_advice(config)) from error
     except Exception as error:
         if trainer.is_world_process_zero():
             update_run_record(run_dir, status="failed", error=str(error))
+            restore_replaced_run(run_dir)
         raise
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
@@ -161,6 +165,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
         **peak_memory(),
     }
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
+    discard_replaced_run(run_dir)
     log.info("training finished: %s", metrics)
     return metrics
 

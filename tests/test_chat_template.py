@@ -69,9 +69,18 @@ def test_conversation_datasets_are_mapped_to_prompt_and_response(tmp_path, kind)
         row = {"conversations": [{"from": names[r], "value": c} for r, c in turns], "rejected": "Greetings."}
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    (mapped,) = load_checked_rows(RunConfig(dataset=str(path)))
+    (mapped,) = load_checked_rows(RunConfig(dataset=str(path), prompt_template="chat"))
     assert mapped["prompt"] == [{"role": "system", "content": "Be warm."}, {"role": "user", "content": "Hi!"}]
     assert mapped["chosen"] == "Hey there!" and mapped["rejected"] == "Greetings."
+    with pytest.raises(ValueError, match=r"row 1: a conversation of 3 turns \(roles system, user, assistant\).*"
+                                         r"would drop the other turns; use prompt_template=\"chat\""):
+        load_checked_rows(RunConfig(dataset=str(path)))  # alpaca: one instruction, one response
+
+
+def test_a_single_exchange_is_accepted_under_the_alpaca_template():
+    rows = [{"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hey!"}]}]
+    (mapped,) = from_conversations(rows, RunConfig(), "chats.jsonl")
+    assert mapped["prompt"] == [{"role": "user", "content": "Hi!"}] and mapped["chosen"] == "Hey!"
 
 
 def test_a_conversation_must_end_with_user_then_assistant():

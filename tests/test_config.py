@@ -1,11 +1,15 @@
 """RunConfig: tutorial defaults, validation with helpful messages, notebook namespaces, recorded runs."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+from pathlib import Path
 
+import nbformat
 import pytest
+import yaml
 
 from helpers.config import (
     DEFAULT_PROMPTS,
@@ -23,24 +27,62 @@ from helpers.config import (
 # ---------------------------------------------------------------- defaults
 
 
-def test_defaults_are_the_tutorial_recipe():
-    config = RunConfig()
-    assert config.model_name == "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit"
-    assert config.max_seq_length == 2048
-    assert config.load_in_4bit is True
-    assert config.lora_r == 64
-    assert config.lora_alpha == 64
-    assert config.lora_dropout == 0.0
-    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert config.learning_rate == 2e-4
-    assert config.per_device_train_batch_size == 2
-    assert config.gradient_accumulation_steps == 4
-    assert config.max_steps == 120
-    assert config.optim == "adamw_8bit"
-    assert config.lr_scheduler_type == "linear"
-    assert config.dataset == "HumanLLMs/Human-Like-DPO-Dataset"
-    assert (config.prompt_field, config.response_field) == ("prompt", "chosen")
-    assert config.prompt_template == "alpaca"
+# The tutorial's recipe, field by field (bias "none" and gradient checkpointing "unsloth" are fixed in add_lora).
+TUTORIAL_RECIPE = {
+    "model_name": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+    "max_seq_length": 2048,
+    "load_in_4bit": True,
+    "dataset": "HumanLLMs/Human-Like-DPO-Dataset",
+    "prompt_field": "prompt",
+    "response_field": "chosen",
+    "prompt_template": "alpaca",
+    "lora_r": 64,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "lora_random_state": 3927,
+    "seed": 3407,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "warmup_steps": 5,
+    "max_steps": 120,
+    "learning_rate": 2e-4,
+    "optim": "adamw_8bit",
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "linear",
+}
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _parameters_cell_source(notebook: Path) -> str:
+    (cell,) = [c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    return cell.source
+
+
+def _parameters_cell_values(notebook: Path) -> dict:
+    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(_parameters_cell_source(notebook)).body}
+
+
+@pytest.mark.parametrize("place", ["colab_t4.yaml", "RunConfig defaults", "01_train_lora parameters cell"])
+def test_the_tutorial_recipe_is_stated_field_by_field(place):
+    read = {"colab_t4.yaml": lambda: yaml.safe_load((NOTEBOOKS / "params/colab_t4.yaml").read_text()),
+            "RunConfig defaults": lambda: RunConfig().to_dict(),
+            "01_train_lora parameters cell": lambda: _parameters_cell_values(NOTEBOOKS / "01_train_lora.ipynb")}
+    values = read[place]()
+    drifted = {name: values.get(name, "(missing)") for name, value in TUTORIAL_RECIPE.items()
+               if values.get(name, "(missing)") != value or type(values.get(name)) is not type(value)}
+    assert not drifted, f"{place} departs from the tutorial's recipe: {drifted}"
+
+
+def test_lora_is_added_with_the_tutorials_bias_checkpointing_and_init_seed(monkeypatch):
+    from helpers import modeling
+
+    calls = []
+    monkeypatch.setattr(modeling.FastLanguageModel, "get_peft_model", lambda model, **kwargs: calls.append(kwargs))
+    modeling.add_lora(object(), RunConfig())
+    (kwargs,) = calls
+    assert (kwargs["bias"], kwargs["use_gradient_checkpointing"]) == ("none", "unsloth")
+    assert (kwargs["r"], kwargs["lora_alpha"], kwargs["random_state"]) == (64, 16, 3927)
 
 
 def test_default_lists_are_not_shared():
@@ -271,6 +313,45 @@ def test_notebook_config_validates_parameters():
     config = notebook_config({"lora_r": 8, "max_steps": 3, "json": json, "__doc__": None})
     assert (config.lora_r, config.max_steps) == (8, 3)
     assert config.learning_rate == 2e-4  # default kept
+
+
+# Runs in its own interpreter: an IPython shell takes over sys.modules["__main__"] and builtins.
+CHECK_CELL_TWICE = """
+import json, sys
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+config = Config()
+config.HistoryManager.hist_file = ":memory:"
+shell = InteractiveShell(config=config)
+shell.run_cell(sys.stdin.read())  # the parameters cell: typed, so IPython annotates its names
+shell.run_cell("max_steps = 3")  # as papermill injects a value: an assignment
+check = "import helpers.config; config = helpers.config.notebook_config(globals())"
+runs = []
+for _ in range(2):  # the second time, config, rows and precision are globals of the notebook's own making
+    result = shell.run_cell(check)
+    runs.append([result.success, repr(result.error_in_exec), shell.user_ns["config"].max_steps])
+    shell.run_cell("rows = [{'prompt': 'a'}]; precision = 'fp32'")
+print(json.dumps({"runs": runs, "annotated": sorted(shell.user_ns["__annotations__"])}))
+"""
+
+
+def test_the_check_cell_can_run_again_after_later_cells_bound_names():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CHECK_CELL_TWICE], check=True, capture_output=True, text=True,
+                         input=_parameters_cell_source(NOTEBOOKS / "01_train_lora.ipynb")).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result["runs"] == [[True, "None", 3], [True, "None", 3]]
+    assert {"max_steps", "lora_r"} <= set(result["annotated"]) and "rows" not in result["annotated"]
+
+
+def test_a_misspelt_injected_name_is_refused_and_stays_refused():
+    namespace = {"__annotations__": {"lora_r": int}, "lora_r": 8, "learnig_rate": 0.1}
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"'learnig_rate' \(did you mean 'learning_rate'\?\)"):
+            notebook_config(namespace)
 
 
 def test_notebook_config_unknown_name_raises():

@@ -64,10 +64,12 @@ def test_batched_scores_match_one_row_at_a_time_in_input_order(tiny):
     batched = response_logprobs(model, tokenizer, TEMPLATE, pairs, batch_size=3, progress=False)
     alone = [response_logprobs(model, tokenizer, TEMPLATE, [pair], progress=False)[0] for pair in pairs]
     assert len(batched) == len(pairs)
+    # Sums of hundreds of float32 log-probs, taken in another order (padding, batch shape, thread count): equal
+    # within a tolerance relative to their size, not to the last bit.
     for (logprob, count), (logprob_alone, count_alone) in zip(batched, alone):
         assert count == count_alone
-        assert logprob == pytest.approx(logprob_alone, abs=1e-4)
-    assert batched[-1] == batched[1]
+        assert logprob == pytest.approx(logprob_alone, rel=1e-5)
+    assert batched[-1][1] == batched[1][1] and batched[-1][0] == pytest.approx(batched[1][0], rel=1e-5)
     assert len({round(logprob, 3) for logprob, _ in batched[:-1]}) == len(pairs) - 1  # rows really differ
 
 
@@ -83,7 +85,7 @@ def test_scores_equal_the_models_own_masked_loss(tiny):
     with torch.inference_mode():
         loss = model(input_ids=ids, labels=labels).loss.item()
     assert count == ids.shape[1] - n_prompt
-    assert -logprob / count == pytest.approx(loss, abs=1e-4)
+    assert -logprob / count == pytest.approx(loss, rel=1e-5)
 
 
 def test_prompt_is_masked_out_and_count_is_response_plus_eos(tiny):
@@ -92,7 +94,7 @@ def test_prompt_is_masked_out_and_count_is_response_plus_eos(tiny):
     pairs = [("Do you like storms?", response), ("What's your favorite kind of weather, and why?", response)]
     (first, first_count), (second, second_count) = response_logprobs(model, tokenizer, TEMPLATE, pairs,
                                                                      progress=False)
-    assert first != pytest.approx(second, abs=1e-3)  # the response is scored *given* a different prompt
+    assert first != pytest.approx(second, rel=1e-3)  # the response is scored *given* a different prompt
     assert first_count == second_count == n_tokens(tokenizer, response + tokenizer.eos_token)
     assert first < 0 and second < 0
 
@@ -103,7 +105,7 @@ def test_a_trailing_eos_in_the_response_is_counted_once(tiny):
                                                                      ("Hi?", "Hello!" + tokenizer.eos_token)],
                                         progress=False)
     assert plain[1] == with_eos[1] == n_tokens(tokenizer, "Hello!" + tokenizer.eos_token)
-    assert plain[0] == pytest.approx(with_eos[0], abs=1e-5)
+    assert plain[0] == pytest.approx(with_eos[0], rel=1e-5)
 
 
 def test_a_token_across_the_prompt_boundary_falls_back_to_separate_tokenization(tiny, tmp_path, caplog):
@@ -247,7 +249,7 @@ def test_evaluate_model_without_rejected_field_gives_loss_and_a_note(tiny):
     assert "no rejected_field" in result["note"]
     alone = score_responses(model, tokenizer, TEMPLATE, [r["question"] for r in rows[:5]],
                             [r["answer"] for r in rows[:5]], progress=False)
-    assert result["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+    assert result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
 def test_evaluate_model_with_a_rejected_column_missing_says_so(tiny):
@@ -266,12 +268,55 @@ def test_evaluate_model_with_rejected_field_matches_its_parts(tiny, sample_score
     expected = preference_metrics(chosen, rejected)
     assert "note" not in result
     assert result["preference_accuracy"] == pytest.approx(expected["preference_accuracy"])
-    assert result["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5)
+    # The margin is a difference of per-token means: its error scales with the means, not with the margin.
+    scale = max(abs(logprob) / count for logprob, count in chosen + rejected)
+    assert result["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-5 * scale)
     assert result["preference_rows"] == len(ROWS) and result["n_ties"] == 0
-    assert result["loss"] == pytest.approx(loss_summary(chosen)["loss"], abs=1e-5)
+    assert result["loss"] == pytest.approx(loss_summary(chosen)["loss"], rel=1e-5)
 
 
 def test_evaluate_model_checks_fields_before_scoring(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="response_field 'answer' is not a column"):
         evaluate_model(model, tokenizer, TEMPLATE, ROWS, "prompt", "answer")
+
+
+# ---------------------------------------------------------------- compared runs
+
+
+def test_compared_runs_in_folders_named_alike_are_kept_apart_by_path(tmp_path, monkeypatch):
+    import contextlib
+
+    from helpers import evaluation_report
+    from helpers.config import RunConfig
+
+    first, second = tmp_path / "a/run", tmp_path / "b/run"
+    for run in (first, second):
+        (run / "adapter").mkdir(parents=True)
+
+    class AdapterModel:  # records which adapter each evaluation ran with
+        active, paths = "default", {}
+
+        def disable_adapter(self):
+            return contextlib.nullcontext()
+
+        def load_adapter(self, path, adapter_name):
+            self.paths[adapter_name] = path
+
+        def set_adapter(self, name):
+            self.active = name
+
+        def delete_adapter(self, name):
+            del self.paths[name]
+
+    monkeypatch.setattr(evaluation_report, "evaluate_model",
+                        lambda model, tokenizer, **kwargs: {"adapter": model.paths.get(model.active, model.active)})
+    config = RunConfig(run_dir=str(tmp_path / "run"), compare_runs=[str(first), str(second)])
+    results = evaluation_report.evaluate_run(AdapterModel(), None, config, [])
+    assert results["compared"] == {str(first): {"adapter": str(first / "adapter")},
+                                   str(second): {"adapter": str(second / "adapter")}}
+    assert results["run"] == str(tmp_path / "run")
+    labels = [label for label, _ in evaluation_report._columns(results)]
+    assert labels == ["base", "a/run", "b/run", f"{tmp_path.name}/run"]  # told apart in the table and the chart
+    with pytest.raises(ValueError, match="names .*a/run' more than once"):
+        evaluation_report.compared_runs(RunConfig(compare_runs=[str(first), str(first) + "/"]))

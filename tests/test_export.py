@@ -4,6 +4,7 @@ stand-in Hub API, refused without a token; and the token written nowhere."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -309,3 +310,41 @@ def test_the_model_card_usage_snippet_is_valid_python(template, export_format):
     code = card.split("```python\n")[1].split("```")[0]
     compile(code, "usage", "exec")
     assert code.count("prompt = ") == 1  # the prompt is built once, as in training
+
+
+def test_a_failed_reload_marks_the_format_failed_and_keeps_the_earlier_export(tmp_path, monkeypatch):
+    import helpers.export as export
+
+    run = tmp_path / "run"
+    (run / "export/lora").mkdir(parents=True)
+    (run / "export/lora/adapter_model.safetensors").write_bytes(b"the earlier export")
+    earlier = {"format": "lora", "status": "ok", "path": "export/lora"}
+    (run / "export/manifest.json").write_text(json.dumps({"formats": {"lora": earlier}}))
+    monkeypatch.setattr(export, "greedy_answer", lambda *args: {"text": "hi", "prompt_ids": [1], "answer_ids": [2]})
+    monkeypatch.setattr(export, "_save", lambda name, model, tokenizer, config, folder: (
+        folder / "adapter_model.safetensors").write_bytes(b"new, unloadable"))
+    monkeypatch.setattr(export, "write_model_card", lambda folder, config, name: None)
+    monkeypatch.setattr(export, "reload_check", lambda *args: {"loaded": False, "same_answer": False,
+                                                                "error": "OSError: no weights found"})
+    config = RunConfig(run_dir=str(run), formats=["lora"], push_to_hub=True, hub_repo_id=REPO, dry_run=True)
+    manifest = export_all(None, None, config, "fp32")
+    entry = manifest["formats"]["lora"]
+    assert entry["status"] == "failed" and "reload check failed: OSError: no weights found" in entry["reason"]
+    assert entry["previous"] == earlier
+    assert (run / "export/lora/adapter_model.safetensors").read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["lora", "manifest.json"]
+    with pytest.raises(RuntimeError, match=r"not exported: lora \(the reload check failed"):
+        check_all_exported(config, manifest)
+    with pytest.raises(RuntimeError, match=r"push refused.*lora \(the reload check failed: OSError"):
+        push_exports(config, manifest)  # a dry run's plan too
+    assert not (run / "export/push_plan.json").exists()
+
+
+def test_a_kill_between_the_final_renames_gives_the_old_folder_back(tmp_path):
+    final = tmp_path / "export/lora"
+    (final.parent / ".lora.old").mkdir(parents=True)  # the old folder moved aside, the new one not yet in place
+    (final.parent / ".lora.old/adapter_model.safetensors").write_text("old")
+    with pytest.raises(KeyboardInterrupt), staged_folder(final):
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in final.parent.iterdir()) == ["lora"]
+    assert (final / "adapter_model.safetensors").read_text() == "old"

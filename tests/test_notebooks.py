@@ -175,8 +175,8 @@ def test_dpo_logs_and_plots_reward_accuracy_and_margin(dpo_run):
 
 def test_evaluation_of_a_dpo_run_compares_base_sft_and_dpo_on_the_same_rows(dpo_run, tiny_run):
     report = read_json(dpo_run / "eval.json")
-    assert list(report["compared"]) == [tiny_run.name]
-    sft, dpo = report["compared"][tiny_run.name], report["tuned"]
+    assert list(report["compared"]) == [str(tiny_run)]
+    sft, dpo = report["compared"][str(tiny_run)], report["tuned"]
     own = read_json(tiny_run / "eval.json")["tuned"]  # the SFT run's own evaluation: the same rows, the same scores
     assert sft["n_tokens"] == own["n_tokens"] and sft["loss"] == pytest.approx(own["loss"], rel=1e-5)
     assert dpo["mean_margin"] > sft["mean_margin"] > report["base"]["mean_margin"]

@@ -39,6 +39,15 @@ def test_settings_left_at_their_defaults_are_inherited_from_the_sft_run(tmp_path
     assert config.beta == 0.2 and config.run_dir == str(tmp_path / "dpo")
 
 
+def test_dpo_into_the_sft_run_dir_is_refused_before_anything_is_touched(tmp_path):
+    run = sft_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for run_dir in (str(run), str(run) + "/", str(tmp_path / "." / run.name)):
+        with pytest.raises(ValueError, match=r"is the sft_run_dir: DPO would write over the SFT run"):
+            preference_config({"sft_run_dir": str(run), "run_dir": run_dir, "overwrite": True})
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_a_setting_that_contradicts_the_sft_run_is_an_error(tmp_path):
     run = sft_run(tmp_path, lora_r=8)
     with pytest.raises(ValueError, match=r"lora_r 16 here, 8 in the SFT run"):

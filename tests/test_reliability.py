@@ -19,8 +19,10 @@ from helpers.reliability import (
     StopOnNonFiniteLoss,
     check_model_source,
     check_run_dir,
+    discard_replaced_run,
     latest_checkpoint,
     out_of_memory_advice,
+    restore_replaced_run,
 )
 
 
@@ -60,6 +62,69 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path):
         check_run_dir(RunConfig(run_dir=str(run_dir)))
     check_run_dir(RunConfig(run_dir=str(run_dir), overwrite=True))
     assert not (run_dir / "adapter").exists() and not (run_dir / "run.json").exists()
+
+
+def _finished_run(run_dir: Path) -> dict[str, bytes]:
+    """A finished run's files; returns {relative name: bytes} to compare with later."""
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter/adapter_model.safetensors").write_bytes(b"old weights")
+    (run_dir / "train_log.csv").write_text("step,loss\n1,2.5\n")
+    (run_dir / "eval.json").write_text('{"loss": 2.4}')
+    (run_dir / "run.json").write_text(json.dumps({"status": "finished", "parameters": {"max_steps": 1}}))
+    return _files(run_dir)
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_an_overwrite_keeps_the_finished_run_until_the_new_one_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    old = _finished_run(run_dir)
+    check_run_dir(RunConfig(run_dir=str(run_dir), overwrite=True))
+    assert not (run_dir / "adapter").exists() and not (run_dir / "run.json").exists()
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))  # the new run, then killed
+    _checkpoint(run_dir / "checkpoints", 20)
+    with pytest.raises(RunExistsError):  # the next run finds the old finished run back in place, whole
+        check_run_dir(RunConfig(run_dir=str(run_dir)))
+    assert _files(run_dir) == old
+    check_run_dir(RunConfig(run_dir=str(run_dir), overwrite=True))  # again, and this time the new run finishes
+    (run_dir / "run.json").write_text(json.dumps({"status": "finished"}))
+    discard_replaced_run(run_dir)
+    assert _files(run_dir) == {"run.json": b'{"status": "finished"}'}
+
+
+@pytest.mark.parametrize("aside", [".replacing", ".restoring"])
+def test_a_kill_while_moving_the_old_run_aside_or_back_loses_nothing(tmp_path, aside):
+    run_dir = tmp_path / "run"
+    old = _finished_run(run_dir)
+    (run_dir / aside).mkdir()  # killed with two of its files moved, the others not yet
+    for name in ("adapter", "run.json"):
+        (run_dir / name).rename(run_dir / aside / name)
+    restore_replaced_run(run_dir)
+    assert _files(run_dir) == old
+
+
+def test_a_failed_overwrite_gives_the_finished_run_back(tmp_path):
+    import torch
+
+    from helpers.training import train_and_record
+
+    class FailingTrainer:
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        def is_world_process_zero(self):
+            return True
+
+    run_dir = tmp_path / "run"
+    old = _finished_run(run_dir)
+    config = RunConfig(run_dir=str(run_dir), overwrite=True)
+    check_run_dir(config)
+    (run_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(RuntimeError, match="CUDA ran out of memory"):
+        train_and_record(FailingTrainer(), None, None, config)
+    assert _files(run_dir) == old
 
 
 def test_an_interrupted_run_keeps_its_checkpoints_unless_resume_is_never(tmp_path):
@@ -139,6 +204,34 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_run, tmp_path):
     assert tuned.keys() == reference.keys()
     for name in tuned:
         assert (tuned[name] - reference[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.notebook
+def test_sigkill_of_an_overwrite_rerun_leaves_the_finished_run_whole(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "finished"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "eval.json").write_text('{"loss": 6.4}')  # as 03_evaluate leaves it
+    kept = ("adapter", "train_log.csv", "run.json", "eval.json", "loss.png", "split.json", "checkpoints")
+    before = {p.relative_to(run_dir).as_posix(): p.read_bytes() for name in kept
+              for p in sorted([run_dir / name, *(run_dir / name).rglob("*")]) if p.is_file()}
+    process = subprocess.Popen([*_train_command(run_dir), "-p", "overwrite", "true"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / ".replaced").is_dir() or latest_checkpoint(run_dir / "checkpoints") is None:
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    _kill_tree(process)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # the new run was under way
+
+    result = subprocess.run(_train_command(run_dir), capture_output=True, text=True)  # the next run, no overwrite
+    assert result.returncode != 0 and "holds a finished run" in result.stderr + result.stdout
+    after = {p.relative_to(run_dir).as_posix(): p.read_bytes() for name in kept
+             for p in sorted([run_dir / name, *(run_dir / name).rglob("*")]) if p.is_file()}
+    assert after.keys() == before.keys() and all(after[name] == before[name] for name in before)
+    assert not (run_dir / ".replaced").exists()
 
 
 @pytest.mark.notebook
