@@ -20,6 +20,7 @@ from typing import Any
 import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
 from helpers import data, modeling, plotting, training
 from helpers.config import RunConfig
+from helpers.environment import release_memory
 from helpers.records import read_json, update_run_record
 
 
@@ -70,7 +71,9 @@ def train(config: RunConfig, rows: list[dict[str, Any]] | None = None) -> dict[s
     """Train from a notebook: in this kernel, or on config.num_processes GPUs (accelerate's notebook_launcher,
     which needs a kernel where CUDA has not been touched yet). Returns the run's metrics."""
     if config.num_processes == 1:
-        return run_training(config, rows)
+        metrics = run_training(config, rows)
+        release_memory()  # the trained model is gone with run_training's frame: give its GPU memory back
+        return metrics
     from accelerate import notebook_launcher
 
     notebook_launcher(run_training, args=(config, rows), num_processes=config.num_processes)

@@ -94,7 +94,7 @@ def prepare_run(config, main_process: bool = True) -> str:
     """Everything checked and recorded before a model loads; returns the precision to train in.
 
     Refuses a missing local model or an unreachable offline Hub id; caps GPU memory if asked. The main process
-    also refuses a finished run_dir (unless overwrite), mounts Drive on Colab when needed and writes run.json
+    also mounts Drive on Colab when needed, refuses a finished run_dir (unless overwrite) and writes run.json
     with status 'running'.
     """
     check_model_source(config.model_name)
@@ -102,8 +102,8 @@ def prepare_run(config, main_process: bool = True) -> str:
     cap_gpu_memory(config.max_gpu_memory_gib)
     if not main_process:
         return precision
+    mount_drive_if_needed(config.run_dir)  # first: a finished run on Drive is visible only once Drive is mounted
     check_run_dir(config)
-    mount_drive_if_needed(config.run_dir)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
                       environment=environment_report(), status="running", metrics={})
