@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo dpo-demo test test-fast batch venv clean-outputs
+.PHONY: demo dpo-demo test test-fast batch venv clean-outputs publish
 .DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt pyproject.toml
@@ -34,6 +34,10 @@ dpo-demo: $(STAMP)
 PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)
 	$(PY) -m helpers.batch $(PLAN)
+
+# Once the kit is on GitHub: its URL into helpers/colab.py, every notebook's kit_repo and the README's Colab badges.
+publish: $(STAMP)
+	$(PY) -m helpers.colab $(REPO_URL)
 
 test: $(STAMP)
 	$(PY) -m pytest

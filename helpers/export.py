@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from helpers.environment import release_memory
+from helpers.environment import peak_memory, release_memory, reset_peak_memory
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
 
@@ -226,6 +226,7 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
     else:
         entry["save_method"] = SAVE_METHODS[export_format]
     started = time.perf_counter()
+    reset_peak_memory()
     try:
         with staged_folder(final) as folder:
             _save(export_format, model, tokenizer, config, folder)
@@ -241,6 +242,7 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
         return {**entry, "status": "failed", "reason": reason}
     entry["total_bytes"] = sum(f["bytes"] for f in entry["files"])
     entry["seconds"] = round(time.perf_counter() - started, 1)
+    entry["memory"] = peak_memory()  # GPU peaks of this format's save and reload check; RSS of the process
     return {**entry, "status": "ok"}
 
 

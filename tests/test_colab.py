@@ -158,7 +158,8 @@ def test_end_to_end_notebook_trains_answers_evaluates_and_exports_in_one_kernel(
     assert record["status"] == "finished" and record["metrics"]["steps"] == 12
     assert record["runtime_peak_memory"]["peak_rss_gib"] >= record["metrics"]["peak_rss_gib"] > 0
     assert len((run / "generations.jsonl").read_text().splitlines()) == len(RunConfig().prompts)
-    assert read_json(run / "eval.json")["tuned"]["rows"] > 0
+    evaluation = read_json(run / "eval.json")
+    assert evaluation["rows"] > 0 and evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
     manifest = read_json(run / "export/manifest.json")
     assert manifest["formats"]["lora"]["status"] == "ok" and manifest["formats"]["lora"]["reload"]["same_answer"]
     images = [o for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", [])
