@@ -20,7 +20,7 @@ from typing import Any
 import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
 from helpers import data, modeling, plotting, training
 from helpers.config import RunConfig
-from helpers.environment import release_memory
+from helpers.environment import peak_memory, release_memory
 from helpers.records import read_json, update_run_record
 
 
@@ -41,6 +41,7 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) ->
     are the checked dataset rows when the caller has them already. Returns the metrics on the main process,
     None on the others."""
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     state = PartialState()
     per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
@@ -58,12 +59,14 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) ->
     model = modeling.add_lora(model, config)
     trainer = training.build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
     metrics = training.train_and_record(trainer, model, tokenizer, config)
+    peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None:
         return None
     update_run_record(config.run_dir, distributed={"num_processes": state.num_processes,
                                                    "per_device_train_batch_size": per_device,
                                                    "gradient_accumulation_steps": accumulation,
-                                                   "global_batch": per_device * accumulation * state.num_processes})
+                                                   "global_batch": per_device * accumulation * state.num_processes,
+                                                   "peak_memory_per_process": peaks})
     return metrics
 
 

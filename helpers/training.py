@@ -18,7 +18,7 @@ from helpers.environment import (
     reset_peak_memory,
     resolve_precision,
 )
-from helpers.monitoring import LiveLossPlot
+from helpers.monitoring import LiveLossPlot, StepClock
 from helpers.records import PREFERENCE_COLUMNS, staged_folder, training_log, update_run_record, write_train_log
 from helpers.reliability import (
     StopOnNonFiniteLoss,
@@ -78,7 +78,7 @@ def watchers(config) -> list:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
-    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())]
+    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock()]
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
@@ -158,6 +158,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         **_last_logged(rows, PREFERENCE_COLUMNS),
+        **next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepClock)).steady_speed(),
         **peak_memory(),
     }
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
