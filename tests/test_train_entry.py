@@ -39,3 +39,34 @@ def test_accelerate_launch_runs_the_entry_point_single_process(tiny_run, tmp_pat
     # the same figures as the notebook path: same seed, same data, same steps
     assert (run_dir / "train_log.csv").read_text() == (tiny_run / "train_log.csv").read_text()
     assert len(read_train_log(run_dir / "train_log.csv")) == 120
+
+
+def test_a_notebook_asking_for_two_gpus_launches_the_entry_point_in_fresh_processes(monkeypatch, tmp_path):
+    import io
+    import json
+
+    import helpers.train as entry
+    from helpers.config import RunConfig
+    from helpers.records import write_json
+
+    config = RunConfig(run_dir=str(tmp_path / "run"), num_processes=2)
+    launched = {}
+
+    class FakeLaunch:
+        def __init__(self, command, **kwargs):
+            launched["command"] = command
+            launched["parameters"] = json.loads(open(command[command.index("--parameters") + 1]).read())
+            write_json(tmp_path / "run" / "run.json", {"metrics": {"steps": 3}})
+            self.stdout, self.returncode = io.StringIO("step 1\n"), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(entry.subprocess, "Popen", FakeLaunch)
+    assert entry.train(config) == {"steps": 3}
+    command = launched["command"]
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert command[5:7] == ["-m", "helpers.train"] and launched["parameters"] == config.to_dict()
