@@ -8,11 +8,11 @@ TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 .PHONY: demo dpo-demo test test-fast batch venv clean-outputs
 .DEFAULT_GOAL := demo
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so that no later requirement pulls in another build of it
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -130,13 +130,12 @@ def mount_drive_if_needed(run_dir: str) -> None:
 
 
 def install_requirements() -> None:
-    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere). Colab's own torch and
-    torchvision are kept: they are built for the CUDA driver of Colab's machines."""
-    if not in_colab():
-        return
-    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
-    wanted = [line for line in lines if line.strip() and not line.startswith(("#", "torch==", "torchvision=="))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *wanted, "-e", str(PROJECT_ROOT)], check=True)
+    """On Colab, install the kit's pinned packages around Colab's own torch stack and Jupyter kernel, which stay as
+    Colab ships them (helpers.install); no-op elsewhere."""
+    if in_colab():
+        from helpers.install import install_on_colab
+
+        install_on_colab()
 
 
 def use_project_root() -> Path:

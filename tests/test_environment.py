@@ -4,22 +4,17 @@ from __future__ import annotations
 import helpers.environment as environment
 
 
-def test_colab_install_keeps_colabs_torch_and_installs_every_other_pin(monkeypatch):
+def test_the_install_runs_on_colab_only(monkeypatch):
+    import helpers.install
+
     calls = []
-    monkeypatch.setattr(environment, "in_colab", lambda: True)
-    monkeypatch.setattr(environment.subprocess, "run", lambda args, check: calls.append(args))
-    environment.install_requirements()
-    (args,) = calls
-    pins = [a for a in args if "==" in a]
-    assert not any(p.startswith(("torch==", "torchvision==")) for p in pins)
-    assert "unsloth==2026.10.9" in pins and "trl==1.15.0" in pins and "transformers==5.17.0" in pins
-    assert args[-2:] == ["-e", str(environment.PROJECT_ROOT)]
-
-
-def test_outside_colab_nothing_is_installed(monkeypatch):
+    monkeypatch.setattr(helpers.install, "install_on_colab", lambda: calls.append("install"))
     monkeypatch.setattr(environment, "in_colab", lambda: False)
-    monkeypatch.setattr(environment.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     environment.install_requirements()
+    assert calls == []
+    monkeypatch.setattr(environment, "in_colab", lambda: True)
+    environment.install_requirements()
+    assert calls == ["install"]
 
 
 def test_the_report_says_whether_a_token_is_present_never_what_it_is(monkeypatch):
