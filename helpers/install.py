@@ -1,10 +1,11 @@
 """The Colab install: the kit's pinned packages added around Colab's own torch stack and Jupyter kernel, which it keeps.
 
-Colab's torch, torchvision, torchaudio and triton are built for its CUDA driver, and the running kernel imports ipykernel,
-tornado, pyzmq and the rest: pip replacing any of them breaks the session. So the install pins them at their installed
-versions (a constraints file: pip then stops with an error rather than replace one), installs unsloth and unsloth_zoo
-without their dependencies (they declare torch, torchvision, xformers and triton), and lets pip resolve everything else
-they and the notebooks need, with deps, under those pins. xformers comes only where a build declares the installed torch.
+Colab's torch, torchvision, torchaudio and triton are built for its CUDA driver, and the running kernel imports
+ipykernel, tornado, pyzmq and the rest: pip replacing any of them breaks the session. So the install pins them at their
+installed versions (a constraints file: pip then stops with an error rather than replace one), installs unsloth and
+unsloth_zoo without their dependencies (they declare torch, torchvision, xformers and triton), and lets pip resolve
+everything else they and the notebooks need, with deps, under those pins. xformers comes only where a build declares
+the installed torch.
 """
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def install_on_colab() -> None:
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 output = (result.stdout + result.stderr).strip().splitlines()
-                raise RuntimeError(f"pip failed installing {phase}:\n" + "\n".join(output[-30:]))
+                raise RuntimeError(f"pip could not install {phase} around Colab's {kept} and kernel packages, which "
+                                   "it must keep:\n" + "\n".join(output[-30:]))
     after = installed_versions()
     changed = sorted(name for name in after if before.get(name) != after[name])
     stale = [f"{name} {before[name]} -> {after[name]}" for name in changed

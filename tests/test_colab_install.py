@@ -1,5 +1,6 @@
-"""The Colab install replayed on a fake Colab with pip's dry run: Colab's torch stack and kernel stay, and everything the
-notebooks need comes at the kit's pins, consistent with what is there. Needs PyPI (pip reads the packages' metadata)."""
+"""The Colab install replayed on a fake Colab with pip's dry run: Colab's torch stack and kernel stay, and everything
+the notebooks need comes at the kit's pins, consistent with what is there. Needs PyPI (pip reads the packages'
+metadata)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ SNAPSHOTS = Path(__file__).parent / "fake_colab"
 
 def fake_colab(root: Path, freeze: Path) -> tuple[Path, Path]:
     """A venv (its interpreter, its site-packages) in which Colab's packages from freeze are installed distributions
-    as far as pip can tell (metadata only: pip decides from it, nothing imports them), with an importable google.colab."""
+    as far as pip can tell (metadata only: pip decides from it, nothing imports them), and google.colab imports."""
     venv.create(root, with_pip=False)
     python = root / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -61,7 +62,8 @@ def test_colab_install_keeps_colabs_torch_and_kernel_and_installs_every_pin(snap
     assert {"torch", "torchvision", "torchaudio", "triton", "ipykernel", "tornado", "pyzmq", "numpy"} <= kept
     assert not kept & new.keys(), "the install would replace Colab's " + ", ".join(sorted(kept & new.keys()))
     after = {**colab, **{name: meta["version"] for name, meta in new.items()}}
-    pins = {name: next(iter(Requirement(pin).specifier)).version for name, pin in install.pinned("requirements.txt").items()}
+    pins = {name: next(iter(Requirement(pin).specifier)).version
+            for name, pin in install.pinned("requirements.txt").items()}
     for name in ("unsloth", "unsloth-zoo", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes",
                  "tokenizers", "huggingface-hub"):
         assert after[name] == pins[name], name
@@ -81,6 +83,20 @@ def test_colab_install_keeps_colabs_torch_and_kernel_and_installs_every_pin(snap
                     unmet.append(f"{name} needs {need}, has {have}")
     assert not unmet, unmet
 
+
+
+@pytest.mark.network
+def test_a_colab_torch_unsloth_does_not_support_stops_the_install_instead_of_being_replaced(tmp_path):
+    freeze = tmp_path / "pip-freeze.txt"  # a Colab that ships torch 2.15.0; unsloth 2026.10.9 declares torch<2.15
+    colab = (SNAPSHOTS / "pip-freeze-2026-08-19.txt").read_text()
+    freeze.write_text(colab.replace("torch==2.11.0+cu128", "torch==2.15.0"))
+    python, site = fake_colab(tmp_path / "colab", freeze)
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    first = install.colab_install_commands(tmp_path / "kept.txt", pip, [str(site)])[0]
+    result = subprocess.run([*first, "--dry-run", "--quiet", "--report", str(tmp_path / "report.json")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and not (tmp_path / "report.json").exists()
+    assert "Cannot install torch<2.15.0" in result.stderr and "ResolutionImpossible" in result.stderr
 
 def test_a_restart_is_asked_for_exactly_when_something_imported_changed(monkeypatch, caplog):
     states = iter([{"numpy": "2.0.2", "certifi": "2026.1.4", "transformers": "5.0.0"},
