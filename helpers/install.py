@@ -156,8 +156,8 @@ def install_on_colab() -> None:
                                    "it must keep:\n" + "\n".join(output[-30:]))
     after = installed_versions()
     changed = sorted(name for name in after if before.get(name) != after[name])
-    stale = [f"{name} {before[name]} -> {after[name]}" for name in changed
-             if name in before and name in imported_distributions()]
+    imported = imported_distributions()
+    stale = [f"{name} {before[name]} -> {after[name]}" for name in changed if name in before and name in imported]
     if stale:
         log.warning("RESTART NEEDED: %s changed after this session imported it. Runtime > Restart session, then run "
                     "the notebook again from the top (the install then finds everything in place).", "; ".join(stale))
