@@ -8,11 +8,11 @@ TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 .PHONY: demo dpo-demo test test-fast batch venv clean-outputs publish
 .DEFAULT_GOAL := demo
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so that no later requirement pulls in another build of it
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -43,7 +43,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not notebook"
+	$(PY) -m pytest -m "not notebook and not network"
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

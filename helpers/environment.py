@@ -147,16 +147,6 @@ def mount_drive_if_needed(run_dir: str) -> None:
         drive.mount("/content/drive")
 
 
-def install_requirements() -> None:
-    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere). Colab's own torch and
-    torchvision are kept: they are built for the CUDA driver of Colab's machines."""
-    if not in_colab():
-        return
-    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
-    wanted = [line for line in lines if line.strip() and not line.startswith(("#", "torch==", "torchvision=="))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *wanted, "-e", str(PROJECT_ROOT)], check=True)
-
-
 def use_project_root() -> Path:
     """Work from the project root, so relative paths in parameters mean the same from any notebook folder."""
     if (PROJECT_ROOT / "notebooks").is_dir() and Path.cwd() != PROJECT_ROOT:
