@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo dpo-demo test test-fast batch venv clean-outputs
+.PHONY: demo dpo-demo test test-fast batch venv clean-outputs publish
 .DEFAULT_GOAL := demo
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so that no later requirement pulls in another build of it
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -35,11 +35,15 @@ PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)
 	$(PY) -m helpers.batch $(PLAN)
 
+# Once the kit is on GitHub: its URL into helpers/colab.py, every notebook's kit_repo and the README's Colab badges.
+publish: $(STAMP)
+	$(PY) -m helpers.colab $(REPO_URL)
+
 test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not notebook"
+	$(PY) -m pytest -m "not notebook and not network"
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

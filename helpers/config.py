@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.environment import mount_drive_if_needed
+from helpers.colab import KIT_REPO
+from helpers.environment import RUN_DIR, default_run_dir, mount_drive_if_needed
 from helpers.prompts import PROMPT_TEMPLATES
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,7 +80,7 @@ class RunConfig:
     logging_steps: int = 1
     report_to: str = "none"
     packing: bool = False
-    run_dir: str = "outputs/lora-run"
+    run_dir: str = RUN_DIR
     num_processes: int = 1
     # reliability
     save_steps: int = 20
@@ -95,7 +96,7 @@ class RunConfig:
     max_new_tokens: int = 256
     temperature: float = 0.0
     # export and sharing
-    formats: list[str] = field(default_factory=lambda: ["lora", "merged_16bit"])
+    formats: list[str] = field(default_factory=lambda: ["lora"])
     gguf_quantization: str = "q4_k_m"
     push_to_hub: bool = False
     hub_repo_id: str = ""
@@ -111,7 +112,7 @@ class RunConfig:
     # batch runs
     batch_plan: str = "notebooks/plans/cpu_tiny_grid.yaml"
     # Colab: where to clone this kit from when a notebook is opened on its own
-    kit_repo: str = ""
+    kit_repo: str = KIT_REPO
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -207,9 +208,17 @@ def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in namespace.items() if name in names}
 
 
+# The end-to-end notebook's own default: an empty run_dir is the default place (on Colab, Google Drive).
+END_TO_END_DEFAULTS = {"run_dir": ""}
+
+
 def notebook_config(namespace: dict[str, Any]) -> RunConfig:
-    """The validated config of a notebook that starts a run (setup, training)."""
-    return RunConfig.from_dict(notebook_parameters(namespace))
+    """The validated config of a notebook that starts a run (setup, training, end to end); an empty run_dir
+    means the default place for runs (helpers.environment.default_run_dir)."""
+    params = notebook_parameters(namespace)
+    if params.get("run_dir") == "":
+        params["run_dir"] = default_run_dir()
+    return RunConfig.from_dict(params)
 
 
 def run_config(namespace: dict[str, Any]) -> RunConfig:

@@ -67,7 +67,7 @@ def device_report() -> dict:
         "name": props.name,
         "total_memory_gib": round(gpu_total_gib(), 2),
         "compute_capability": f"{props.major}.{props.minor}",
-        "bf16_supported": torch.cuda.is_bf16_supported(),
+        "bf16_supported": bf16_supported(),
         "cuda": torch.version.cuda,
         "count": torch.cuda.device_count(),
     }
@@ -95,12 +95,20 @@ def hub_token_present() -> bool:
     return get_token() is not None
 
 
+def bf16_supported() -> bool:
+    """Whether the first GPU computes in bf16 natively. torch's own check also counts emulated bf16, which a T4
+    (compute capability 7.5) has: training there in bf16 would be slow or fail, so it counts as no."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str) -> str:
     """The precision to train in: 'auto' becomes bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)."""
     import torch
 
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = bf16_supported()
         if precision == "auto":
             return "bf16" if bf16 else "fp16"
         if precision == "bf16" and not bf16:
@@ -121,22 +129,22 @@ def torch_dtype(precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+RUN_DIR = "outputs/lora-run"
+DRIVE_RUN_DIR = "/content/drive/MyDrive/lora-kit/lora-run"  # on Colab: survives the runtime, 15 GB free
+
+
+def default_run_dir() -> str:
+    """Where a run goes when none is named: on Colab in Google Drive (a runtime's disk is lost with it), else
+    outputs/lora-run."""
+    return DRIVE_RUN_DIR if in_colab() else RUN_DIR
+
+
 def mount_drive_if_needed(run_dir: str) -> None:
     """On Colab, mount Google Drive when run_dir lies on it, so a disconnect loses at most save_steps steps."""
     if in_colab() and str(run_dir).startswith("/content/drive/") and not Path("/content/drive/MyDrive").exists():
         from google.colab import drive
 
         drive.mount("/content/drive")
-
-
-def install_requirements() -> None:
-    """On Colab, pip-install the pinned requirements and this package (no-op elsewhere). Colab's own torch and
-    torchvision are kept: they are built for the CUDA driver of Colab's machines."""
-    if not in_colab():
-        return
-    lines = (PROJECT_ROOT / "requirements.txt").read_text().splitlines()
-    wanted = [line for line in lines if line.strip() and not line.startswith(("#", "torch==", "torchvision=="))]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *wanted, "-e", str(PROJECT_ROOT)], check=True)
 
 
 def use_project_root() -> Path:
@@ -170,6 +178,17 @@ def cap_gpu_memory(gib: float) -> None:
 
     if gib and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib / gpu_total_gib()))
+
+
+def release_memory() -> None:
+    """Collect unreachable objects and return cached GPU memory to the driver (after a model is dropped)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory() -> None:

@@ -7,7 +7,6 @@ and token by token (teacher-forced agreement); the result is recorded in run_dir
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import logging
 import os
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from helpers.environment import peak_memory, release_memory, reset_peak_memory
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
 
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 EXPORT_ORDER = ("lora", "merged_16bit", "gguf", "merged_4bit")
 # unsloth's save_method per format: current unsloth refuses plain "merged_4bit" and asks for the explicit one.
 SAVE_METHODS = {"lora": "lora", "merged_16bit": "merged_16bit", "merged_4bit": "merged_4bit_forced"}
+# What every format is compared with: the model the merges start from. unsloth merges the adapter into the base
+# weights as loaded (4-bit ones dequantized), so the tuned model in memory is that reference for every format.
+REFERENCE = "the tuned model in memory: the base weights as loaded (4-bit dequantized) with the adapter"
 CHECK_PROMPT = "What's your favorite way to spend a rainy Sunday?"
 CHECK_TOKENS = 32
 
@@ -97,10 +100,39 @@ def llama_cpp_problem() -> str | None:
             "UNSLOTH_LLAMA_CPP_PATH to a built copy), then run this notebook again with formats=['gguf'].")
 
 
+def check_free_disk(model, folder: Path) -> None:
+    """Refuse a merged 16-bit save that would not fit the disk folder lies on (2 bytes a parameter, e.g. 16 GB
+    for an 8B model: more than a free Google Drive holds), before anything is written."""
+    from unsloth_zoo.disk_utils import model_16bit_bytes
+
+    need, free = model_16bit_bytes(model), shutil.disk_usage(folder).free
+    if need > free:
+        raise RuntimeError(f"merged_16bit needs about {need / 1e9:.1f} GB in {folder.parent}, where {free / 1e9:.1f} "
+                           "GB are free; free space there, or leave merged_16bit out of formats (the lora adapter "
+                           "and gguf are far smaller)")
+
+
+def merge_memory_share(config) -> float:
+    """unsloth's maximum_memory_usage for a merge: the share of the GPU's whole memory its merged weights may
+    hold before it spills them to disk. unsloth reads the card's total, not a per-process cap, so under
+    max_gpu_memory_gib (a T4 stood in for) the share shrinks to keep the merge within the cap."""
+    import torch
+
+    from helpers.environment import gpu_total_gib
+
+    share = 0.75  # unsloth's default
+    if config.max_gpu_memory_gib and torch.cuda.is_available():
+        share = min(share, share * config.max_gpu_memory_gib / gpu_total_gib())
+    return share
+
+
 def _save(export_format: str, model, tokenizer, config, folder: Path) -> None:
     """Write one format into folder through unsloth's own save methods."""
     if export_format != "gguf":
-        model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format])
+        if export_format == "merged_16bit":
+            check_free_disk(model, folder)
+        model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format],
+                                     maximum_memory_usage=merge_memory_share(config))
         if export_format != "lora":
             _check_merged(folder)
         return
@@ -136,6 +168,12 @@ def _check_merged(folder: Path) -> None:
                 raise RuntimeError(f"{path.name} holds un-merged LoRA layers; unsloth's merge did not happen")
 
 
+def reloads_in_4bit(export_format: str, config) -> bool:
+    """Whether the reload check loads the format in 4-bit. merged_16bit is checked in 4-bit when the run trained
+    in 4-bit: its 16-bit weights (15 GiB for an 8B model) do not fit beside the tuned model in a T4's 15 GiB."""
+    return {"lora": config.load_in_4bit, "merged_16bit": config.load_in_4bit, "merged_4bit": True}[export_format]
+
+
 def _reload(export_format: str, folder: Path, config, precision: str):
     """Load one exported format back as a user would."""
     from helpers.environment import torch_dtype
@@ -148,7 +186,7 @@ def _reload(export_format: str, folder: Path, config, precision: str):
         return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     from helpers.stack import FastLanguageModel
 
-    load_in_4bit = {"lora": config.load_in_4bit, "merged_16bit": False, "merged_4bit": True}[export_format]
+    load_in_4bit = reloads_in_4bit(export_format, config)
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=config.max_seq_length,
                                                          dtype=torch_dtype(precision), load_in_4bit=load_in_4bit)
     FastLanguageModel.for_inference(model)
@@ -168,17 +206,10 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
         return {"loaded": model is not None, "error": f"{type(error).__name__}: {error}", "same_answer": False}
     finally:
         del model
-        _free_memory()
-    return {"loaded": True, "same_answer": answer == expected["text"], "token_agreement": round(agreement, 4),
-            "answer": answer, "expected": expected["text"]}
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        release_memory()
+    loaded_in = "4-bit" if export_format != "gguf" and reloads_in_4bit(export_format, config) else precision
+    return {"loaded": True, "loaded_in": loaded_in, "same_answer": answer == expected["text"],
+            "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"]}
 
 
 def export_format(export_format: str, model, tokenizer, config, precision: str,
@@ -196,6 +227,7 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
     else:
         entry["save_method"] = SAVE_METHODS[export_format]
     started = time.perf_counter()
+    reset_peak_memory()
     try:
         with staged_folder(final) as folder:
             _save(export_format, model, tokenizer, config, folder)
@@ -213,6 +245,7 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
         return {**entry, "status": "failed", "reason": reason}
     entry["total_bytes"] = sum(f["bytes"] for f in entry["files"])
     entry["seconds"] = round(time.perf_counter() - started, 1)
+    entry["memory"] = peak_memory()  # GPU peaks of this format's save and reload check; RSS of the process
     return {**entry, "status": "ok"}
 
 
@@ -227,7 +260,8 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     manifest = read_json(path) if path.exists() else {"formats": {}}
     expected = greedy_answer(model, tokenizer, config)
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
-                    check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"]})
+                    check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"],
+                           "reference": REFERENCE})
     for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
         log.info("exporting %s", name)
         previous = manifest["formats"].get(name)

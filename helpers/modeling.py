@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from helpers.stack import FastLanguageModel
-from helpers.environment import torch_dtype
+from helpers.environment import cap_gpu_memory, torch_dtype
 from helpers.reliability import check_model_source
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def load_adapter_model(config, precision: str, adapter_dir: str | Path):
     wrapper (bound to the bare base model, as `PeftModel.from_pretrained` leaves them, a merged save would
     write the un-merged layers).
     """
+    cap_gpu_memory(config.max_gpu_memory_gib)  # inference, evaluation and export stay T4-sized as training did
     return FastLanguageModel.from_pretrained(
         model_name=str(adapter_dir), max_seq_length=config.max_seq_length, dtype=torch_dtype(precision),
         load_in_4bit=config.load_in_4bit)

@@ -77,3 +77,25 @@ class LiveLossPlot(TrainerCallback):
             self._handle.update(fig)
         plt.close(fig)
         self.redraws += 1
+
+
+class StepClock(TrainerCallback):
+    """Wall time and tokens seen at the end of every optimizer step, for the speed once warmed up (the first
+    steps compile kernels and fill caches)."""
+
+    def __init__(self, warmup_steps: int = 2):
+        self.warmup_steps = warmup_steps
+        self.marks: list[tuple[int, float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen)))
+
+    def steady_speed(self) -> dict[str, float]:
+        """Seconds per step and trained tokens per second after the warm-up steps (all processes' tokens); empty
+        when the run had no step past them."""
+        if len(self.marks) <= self.warmup_steps + 1:
+            return {}
+        (step0, time0, tokens0), (step1, time1, tokens1) = self.marks[self.warmup_steps], self.marks[-1]
+        return {"steady_s_per_step": round((time1 - time0) / (step1 - step0), 4),
+                "steady_tokens_per_s": round((tokens1 - tokens0) / (time1 - time0), 1)}
+

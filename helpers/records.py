@@ -117,3 +117,18 @@ def update_run_record(run_dir: str | Path, **sections: Any) -> dict[str, Any]:
     record.update(sections)
     write_json(path, record)
     return record
+
+
+def record_runtime_peaks(run_dir: str | Path) -> dict[str, float]:
+    """Record in run.json the peak memory of this whole runtime so far (training, inference, evaluation,
+    export in one kernel): the larger of what training recorded and what this process has peaked at since the
+    last reset. Returns those peaks."""
+    from helpers.environment import peak_memory
+
+    record = read_json(Path(run_dir) / "run.json")
+    now, trained = peak_memory(), record.get("metrics", {})
+    peaks = {name: max(value, trained.get(name, value)) if name.startswith("peak_") else value
+             for name, value in now.items()}
+    update_run_record(run_dir, runtime_peak_memory=peaks)
+    return peaks
+

@@ -18,7 +18,7 @@ from helpers.environment import (
     reset_peak_memory,
     resolve_precision,
 )
-from helpers.monitoring import LiveLossPlot
+from helpers.monitoring import LiveLossPlot, StepClock
 from helpers.records import PREFERENCE_COLUMNS, staged_folder, training_log, update_run_record, write_train_log
 from helpers.reliability import (
     StopOnNonFiniteLoss,
@@ -80,7 +80,7 @@ def watchers(config) -> list:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
-    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive())]
+    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock()]
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
@@ -96,7 +96,7 @@ def prepare_run(config, main_process: bool = True) -> str:
     """Everything checked and recorded before a model loads; returns the precision to train in.
 
     Refuses a missing local model or an unreachable offline Hub id; caps GPU memory if asked. The main process
-    also refuses a finished run_dir (unless overwrite), mounts Drive on Colab when needed and writes run.json
+    also mounts Drive on Colab when needed, refuses a finished run_dir (unless overwrite) and writes run.json
     with status 'running'.
     """
     check_model_source(config.model_name)
@@ -104,8 +104,8 @@ def prepare_run(config, main_process: bool = True) -> str:
     cap_gpu_memory(config.max_gpu_memory_gib)
     if not main_process:
         return precision
+    mount_drive_if_needed(config.run_dir)  # first: a finished run on Drive is visible only once Drive is mounted
     check_run_dir(config)
-    mount_drive_if_needed(config.run_dir)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
                       environment=environment_report(), status="running", metrics={})
@@ -162,6 +162,7 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         **_last_logged(rows, PREFERENCE_COLUMNS),
+        **next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepClock)).steady_speed(),
         **peak_memory(),
     }
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())

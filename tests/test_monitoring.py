@@ -60,3 +60,18 @@ def test_tensorboard_writes_event_files(tmp_path):
     training.train_and_record(trainer, model, tokenizer, config)
     events = list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_step_clock_measures_speed_after_the_warm_up_steps(monkeypatch):
+    from types import SimpleNamespace
+
+    from helpers import monitoring
+
+    clock = monitoring.StepClock(warmup_steps=2)
+    assert clock.steady_speed() == {}
+    times = iter([10.0, 30.0, 31.0, 32.0, 33.0])  # two slow warm-up steps, then 1 s a step
+    monkeypatch.setattr(monitoring.time, "perf_counter", lambda: next(times))
+    for step, tokens in enumerate([100, 200, 300, 400, 500], start=1):
+        clock.on_step_end(None, SimpleNamespace(global_step=step, num_input_tokens_seen=tokens), None)
+    assert clock.steady_speed() == {"steady_s_per_step": 1.0, "steady_tokens_per_s": 100.0}
+

@@ -10,13 +10,14 @@ import pytest
 import yaml
 from IPython.core.inputtransformer2 import TransformerManager
 
-from helpers.config import DPO_DEFAULTS, RunConfig
+from helpers.config import DPO_DEFAULTS, END_TO_END_DEFAULTS, RunConfig
 from helpers.pipeline import NOTEBOOKS, PROFILES, notebook_parameter_names
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 DEFAULTS = RunConfig().to_dict()
 # The preference notebook's own defaults where DPO wants other values (helpers.config.DPO_DEFAULTS).
-NOTEBOOK_DEFAULTS = {"06_preference_dpo": {**DEFAULTS, **DPO_DEFAULTS}}
+NOTEBOOK_DEFAULTS = {"06_preference_dpo": {**DEFAULTS, **DPO_DEFAULTS},
+                     "colab_end_to_end": {**DEFAULTS, **END_TO_END_DEFAULTS}}
 
 
 def parameters_cell(path):
@@ -37,7 +38,9 @@ def test_committed_notebook_is_clean(path):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{path.name} cell {cell.id} has outputs"
             assert cell.execution_count is None, f"{path.name} cell {cell.id} has an execution count"
-    assert "colab" not in nb.metadata and "widgets" not in nb.metadata
+    # Only the runtime request Colab reads (a T4 GPU) beside the kernel: no widget state, no run history.
+    assert set(nb.metadata) <= {"kernelspec", "language_info", "accelerator", "colab"}
+    assert nb.metadata.get("colab", {}) in ({}, {"gpuType": "T4", "provenance": []})
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.name)

@@ -30,9 +30,43 @@ def test_accelerate_launch_runs_the_entry_point_single_process(tiny_run, tmp_pat
                    check=True, capture_output=True)
     record = read_json(run_dir / "run.json")
     assert record["status"] == "finished"
+    peaks = record["distributed"].pop("peak_memory_per_process")
     assert record["distributed"] == {"num_processes": 1, "per_device_train_batch_size": 2,
                                      "gradient_accumulation_steps": 4, "global_batch": 8}
+    assert len(peaks) == 1 and peaks[0]["peak_rss_gib"] > 0
+    assert record["metrics"]["steady_tokens_per_s"] > 0 and record["metrics"]["steady_s_per_step"] > 0
     assert (run_dir / "adapter/adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
     # the same figures as the notebook path: same seed, same data, same steps
     assert (run_dir / "train_log.csv").read_text() == (tiny_run / "train_log.csv").read_text()
     assert len(read_train_log(run_dir / "train_log.csv")) == 120
+
+
+def test_a_notebook_asking_for_two_gpus_launches_the_entry_point_in_fresh_processes(monkeypatch, tmp_path):
+    import io
+    import json
+
+    import helpers.train as entry
+    from helpers.config import RunConfig
+    from helpers.records import write_json
+
+    config = RunConfig(run_dir=str(tmp_path / "run"), num_processes=2)
+    launched = {}
+
+    class FakeLaunch:
+        def __init__(self, command, **kwargs):
+            launched["command"] = command
+            launched["parameters"] = json.loads(open(command[command.index("--parameters") + 1]).read())
+            write_json(tmp_path / "run" / "run.json", {"metrics": {"steps": 3}})
+            self.stdout, self.returncode = io.StringIO("step 1\n"), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(entry.subprocess, "Popen", FakeLaunch)
+    assert entry.train(config) == {"steps": 3}
+    command = launched["command"]
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert command[5:7] == ["-m", "helpers.train"] and launched["parameters"] == config.to_dict()
