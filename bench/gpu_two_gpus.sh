@@ -3,20 +3,27 @@
 # the colab_t4 recipe, fp16, the bundled sample data, 20 steps) on one process, then through `accelerate launch` on
 # two with the same global batch (accumulation halved), then the training notebook with num_processes=2 through
 # papermill. Prints steady tokens/s, s/step, the scaling, peak memory per GPU and the largest per-step loss difference.
-# Usage: bash bench/gpu_two_gpus.sh [model_dir]   (build the model first: python3 -m helpers.local_models DIR
-#        --shape llama-8b --prequantized)
+# Usage: bash bench/gpu_two_gpus.sh [model_dir] [phases]   (build the model first: python3 -m helpers.local_models
+#        DIR --shape llama-8b --prequantized). phases: any of "one two report" (default all; "one" runs on the first
+#        visible GPU, so it can run beside other work on another GPU).
 set -euo pipefail
 MODEL=${1:-outputs/_models/llama8b-bnb-4bit}
+PHASES=${2:-one two report}
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 RUN="--profile colab_t4 -p model_name $MODEL -p precision fp16 -p dataset helpers/data/sample_dpo.jsonl
      -p max_steps 20 -p save_steps 100 -p eval_fraction 0 -p overwrite true"
-# shellcheck disable=SC2086
-CUDA_VISIBLE_DEVICES=0 python3 -m helpers.train $RUN -p run_dir outputs/gpu-1gpu
-# shellcheck disable=SC2086
-python3 -m accelerate.commands.launch --num_processes 2 -m helpers.train $RUN -p run_dir outputs/gpu-2gpu
-# shellcheck disable=SC2086
-python3 -m helpers.pipeline $RUN --notebooks 01_train_lora -p num_processes 2 -p run_dir outputs/gpu-2gpu-notebook \
-  || echo "the notebook on 2 GPUs failed: see outputs/gpu-2gpu-notebook/01_train_lora.ipynb"
+if [[ $PHASES == *one* ]]; then
+  # shellcheck disable=SC2086
+  CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 -m helpers.train $RUN -p run_dir outputs/gpu-1gpu
+fi
+if [[ $PHASES == *two* ]]; then
+  # shellcheck disable=SC2086
+  python3 -m accelerate.commands.launch --num_processes 2 -m helpers.train $RUN -p run_dir outputs/gpu-2gpu
+  # shellcheck disable=SC2086
+  python3 -m helpers.pipeline $RUN --notebooks 01_train_lora -p num_processes 2 -p run_dir outputs/gpu-2gpu-notebook \
+    || echo "the notebook on 2 GPUs failed: see outputs/gpu-2gpu-notebook/01_train_lora.ipynb"
+fi
+[[ $PHASES == *report* ]] || exit 0
 python3 - <<'PY'
 import csv, json
 def run(name):
