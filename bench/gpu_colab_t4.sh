@@ -4,13 +4,15 @@
 # (train 10 steps on the bundled sample data -> answer -> evaluate -> export the default formats), then the opt-in
 # merged_16bit export in a kernel of its own (free-disk check, 4-bit reload check under the cap). Prints the peaks
 # run.json recorded and the export manifest.
-# Usage: bash bench/gpu_colab_t4.sh [model_dir] [run_dir]
+# The stand-in sits in local folders named like the Hub repositories (the checkpoint of record and the 16-bit
+# original unsloth merges merged_16bit from), so the run uses the real model_name and unsloth's own name mapping.
+# Usage: bash bench/gpu_colab_t4.sh [run_dir]
 set -euo pipefail
-MODEL=${1:-outputs/_models/llama8b-bnb-4bit}
-RUN=${2:-outputs/gpu-colab-t4}
+RUN=${1:-outputs/gpu-colab-t4}
+MODEL=unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 T4="-p precision fp16 -p max_gpu_memory_gib 15"
-python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized
+python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized --sixteen-bit unsloth/DeepSeek-R1-Distill-Llama-8B
 # shellcheck disable=SC2086
 python3 -m helpers.pipeline --profile colab_t4 --notebooks colab_end_to_end -p model_name "$MODEL" $T4 \
   -p dataset helpers/data/sample_dpo.jsonl -p max_steps 10 -p eval_steps 5 -p max_new_tokens 48 -p run_dir "$RUN" \

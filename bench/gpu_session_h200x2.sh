@@ -19,7 +19,7 @@ rm -f "$LOGS/DONE"
   fi
   pids=()
   if [[ $PHASES == *colab* ]]; then
-    CUDA_VISIBLE_DEVICES=0 bash bench/gpu_colab_t4.sh "$MODEL" > "$LOGS/colab_t4.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 bash bench/gpu_colab_t4.sh > "$LOGS/colab_t4.log" 2>&1 &
     pids+=($!)
   fi
   (

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 EXPORT_ORDER = ("lora", "merged_16bit", "gguf", "merged_4bit")
 # unsloth's save_method per format: current unsloth refuses plain "merged_4bit" and asks for the explicit one.
 SAVE_METHODS = {"lora": "lora", "merged_16bit": "merged_16bit", "merged_4bit": "merged_4bit_forced"}
-# What every format is compared with: the model the merges start from. unsloth merges the adapter into the base
-# weights as loaded (4-bit ones dequantized), so the tuned model in memory is that reference for every format.
-REFERENCE = "the tuned model in memory: the base weights as loaded (4-bit dequantized) with the adapter"
+# What every format is compared with: the tuned model in memory (the base as loaded, with the adapter). lora and
+# merged_4bit are made from those very weights. merged_16bit is merged into the base's original 16-bit weights
+# (for a pre-quantized base unsloth fetches them: `unsloth/X` for `unsloth/X-unsloth-bnb-4bit`), so after a 4-bit
+# run its agreement also measures the 4-bit quantization of the base, and of the merge when checked in 4-bit.
+REFERENCE = "the tuned model in memory: the base as loaded (4-bit after a 4-bit run) with the adapter"
 CHECK_PROMPT = "What's your favorite way to spend a rainy Sunday?"
 CHECK_TOKENS = 32
 
@@ -169,9 +172,9 @@ def _check_merged(folder: Path) -> None:
 
 
 def reloads_in_4bit(export_format: str, config) -> bool:
-    """Whether the reload check loads the format in 4-bit. merged_16bit is checked in 4-bit when the run trained
-    in 4-bit: its 16-bit weights (15 GiB for an 8B model) do not fit beside the tuned model in a T4's 15 GiB."""
-    return {"lora": config.load_in_4bit, "merged_16bit": config.load_in_4bit, "merged_4bit": True}[export_format]
+    """Whether the reload check loads a merged format in 4-bit. merged_16bit is checked in 4-bit when the run
+    trained in 4-bit: its 16-bit weights (15 GiB for an 8B model) do not fit beside the tuned model in a T4's 15 GiB."""
+    return export_format == "merged_4bit" or config.load_in_4bit
 
 
 def _reload(export_format: str, folder: Path, config, precision: str):
@@ -186,28 +189,54 @@ def _reload(export_format: str, folder: Path, config, precision: str):
         return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     from helpers.stack import FastLanguageModel
 
-    load_in_4bit = reloads_in_4bit(export_format, config)
+    load_in_4bit = reloads_in_4bit(export_format, config)  # lora is checked on the model in memory (_loaded)
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=config.max_seq_length,
                                                          dtype=torch_dtype(precision), load_in_4bit=load_in_4bit)
     FastLanguageModel.for_inference(model)
     return model, tokenizer
 
 
-def reload_check(export_format: str, folder: Path, config, precision: str, expected: dict[str, Any]) -> dict[str, Any]:
-    """Load the export back and compare its greedy answer to the check prompt with the tuned model's: the whole
-    answer, and the token-by-token agreement."""
-    model = None
+CHECK_ADAPTER = "export_check"
+
+
+@contextlib.contextmanager
+def _loaded(export_format: str, folder: Path, config, precision: str, tuned: tuple) -> Iterator[tuple]:
+    """The export loaded back as a user would. The lora adapter goes onto the base weights already in memory,
+    beside the tuned adapter, as PeftModel.from_pretrained puts it onto a base: a second copy of an 8B base next
+    to the tuned model would take a T4 to its 15 GiB. Any other format loads as a model of its own, freed after."""
+    if export_format == "lora":
+        model, tokenizer = tuned
+        model.load_adapter(str(folder), adapter_name=CHECK_ADAPTER)
+        model.set_adapter(CHECK_ADAPTER)
+        try:
+            yield model, tokenizer
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter(CHECK_ADAPTER)
+        return
+    model, tokenizer = _reload(export_format, folder, config, precision)
     try:
-        model, tokenizer = _reload(export_format, folder, config, precision)
-        answer = greedy_answer(model, tokenizer, config)["text"]
-        agreement = token_agreement(model, expected["prompt_ids"], expected["answer_ids"])
-    except Exception as error:  # recorded, not raised: the files are written, only the check failed
-        log.warning("reloading %s failed: %s", export_format, error)
-        return {"loaded": model is not None, "error": f"{type(error).__name__}: {error}", "same_answer": False}
+        yield model, tokenizer
     finally:
         del model
         release_memory()
-    loaded_in = "4-bit" if export_format != "gguf" and reloads_in_4bit(export_format, config) else precision
+
+
+def reload_check(export_format: str, folder: Path, config, precision: str, expected: dict[str, Any],
+                 tuned: tuple) -> dict[str, Any]:
+    """Load the export back and compare its greedy answer to the check prompt with the tuned model's (`tuned`:
+    the model and tokenizer in memory): the whole answer, and the token-by-token agreement."""
+    loaded = False
+    try:
+        with _loaded(export_format, folder, config, precision, tuned) as (model, tokenizer):
+            loaded = True
+            answer = greedy_answer(model, tokenizer, config)["text"]
+            agreement = token_agreement(model, expected["prompt_ids"], expected["answer_ids"])
+    except Exception as error:  # recorded, not raised: the files are written, only the check failed
+        log.warning("reloading %s failed: %s", export_format, error)
+        return {"loaded": loaded, "error": f"{type(error).__name__}: {error}", "same_answer": False}
+    loaded_in = {"lora": "onto the base weights in memory", "gguf": precision}.get(
+        export_format, "4-bit" if reloads_in_4bit(export_format, config) else precision)
     return {"loaded": True, "loaded_in": loaded_in, "same_answer": answer == expected["text"],
             "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"]}
 
@@ -232,7 +261,7 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
         with staged_folder(final) as folder:
             _save(export_format, model, tokenizer, config, folder)
             write_model_card(folder, config, export_format)
-            entry["reload"] = reload_check(export_format, folder, config, precision, expected)
+            entry["reload"] = reload_check(export_format, folder, config, precision, expected, (model, tokenizer))
             if "error" in entry["reload"]:  # a format that does not load back is not exported
                 raise RuntimeError(f"the reload check failed: {entry['reload']['error']}")
             entry["files"] = describe_files(folder)

@@ -123,11 +123,16 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     return out
 
 
-def build_prequantized_llama(out_dir: str | Path, shape: str = "llama-8b", seed: int = 0) -> Path:
+def build_prequantized_llama(out_dir: str | Path, shape: str = "llama-8b", seed: int = 0,
+                             sixteen_bit_dir: str | Path | None = None) -> Path:
     """A random-init Llama of `shape` saved pre-quantized in 4-bit (bitsandbytes NF4, double quantization, its
     quantization_config in config.json), as unsloth's `-unsloth-bnb-4bit` checkpoints are: loading it needs no
     16-bit copy in host memory (measured for the 8B shape: 6.6 GiB RSS, against 16.4 GiB when a 16-bit
-    checkpoint is quantized at load; a free Colab has about 12.7 GB). Needs CUDA (bitsandbytes quantizes there)."""
+    checkpoint is quantized at load; a free Colab has about 12.7 GB). Needs CUDA (bitsandbytes quantizes there).
+
+    With sixteen_bit_dir, the 16-bit weights it was quantized from are kept there: unsloth makes merged_16bit
+    from a pre-quantized base's original 16-bit weights (on the Hub, `unsloth/X` for `unsloth/X-unsloth-bnb-4bit`;
+    a local folder of that name stands in for it)."""
     import shutil
     import tempfile
 
@@ -141,7 +146,8 @@ def build_prequantized_llama(out_dir: str | Path, shape: str = "llama-8b", seed:
         log.info("model already at %s", out)
         return out
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the 16-bit copy (16 GB for 8B) only passes
-    with tempfile.TemporaryDirectory(dir=scratch) as sixteen_bit:
+    with tempfile.TemporaryDirectory(dir=scratch) as temporary:
+        sixteen_bit = str(sixteen_bit_dir or temporary)
         build_random_llama(sixteen_bit, shape, seed=seed, overwrite=True)
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
@@ -169,6 +175,9 @@ if __name__ == "__main__":
     parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     parser.add_argument("--prequantized", action="store_true",
                         help="save it in 4-bit (bitsandbytes NF4) like unsloth's -bnb-4bit checkpoints; needs CUDA")
+    parser.add_argument("--sixteen-bit", metavar="DIR", help="with --prequantized: keep the 16-bit weights in DIR")
     args = parser.parse_args()
-    build = build_prequantized_llama if args.prequantized else build_random_llama
-    print(build(args.out_dir, args.shape))
+    if args.prequantized:
+        print(build_prequantized_llama(args.out_dir, args.shape, sixteen_bit_dir=args.sixteen_bit))
+    else:
+        print(build_random_llama(args.out_dir, args.shape))
