@@ -1,18 +1,20 @@
 # `make demo`: set up .venv if missing or stale, then run setup -> train -> inference through papermill
 # (the offline tiny profile without a GPU, the Colab T4 recipe with one). `make test`: the test suite.
+# `make lab`: JupyterLab on this environment, the notebooks folder open.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo dpo-demo test test-fast batch venv clean-outputs
+.PHONY: demo dpo-demo test test-fast batch lab venv clean-outputs
 .DEFAULT_GOAL := demo
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so that no later requirement pulls in another build of it
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -34,6 +36,12 @@ dpo-demo: $(STAMP)
 PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)
 	$(PY) -m helpers.batch $(PLAN)
+
+# JupyterLab on 127.0.0.1 (port 8888, or another free one), the file browser in notebooks/; it prints the URL to open,
+# token included. LAB_ARGS passes more options, e.g. make lab LAB_ARGS="--port 9000".
+lab: $(STAMP)
+	$(PY) -m jupyterlab --no-browser --ip=127.0.0.1 --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest
