@@ -139,7 +139,8 @@ def test_live_loss_plot_redraws_in_place_in_jupyterlab(chromium, lab, tmp_path):
                 if len(seen) == 2:
                     screenshot("training.png")
             time.sleep(0.2)
-        kernel_idle.wait_for(timeout=60_000)  # the last cell has run
+        loss_curve = page.locator(".jp-CodeCell").filter(has_text="helpers.plotting.plot_loss(config.run_dir)")
+        loss_curve.locator(".jp-OutputArea-output img").wait_for(timeout=60_000)  # the last cell has run
         screenshot("finished.png")
         count, final = images.count(), images.first.get_attribute("src")
         browser.close()
