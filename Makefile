@@ -1,11 +1,12 @@
 # `make demo`: set up .venv if missing or stale, then run setup -> train -> inference through papermill
 # (the offline tiny profile without a GPU, the Colab T4 recipe with one). `make test`: the test suite.
+# `make lab`: JupyterLab on this environment, the notebooks folder open.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo dpo-demo test test-fast batch venv clean-outputs publish
+.PHONY: demo dpo-demo test test-fast batch lab venv clean-outputs publish
 .DEFAULT_GOAL := demo
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -39,11 +40,17 @@ batch: $(STAMP)
 publish: $(STAMP)
 	$(PY) -m helpers.colab $(REPO_URL)
 
+# JupyterLab on 127.0.0.1 (port 8888, or another free one), the file browser in notebooks/; it prints the URL to open,
+# token included. LAB_ARGS passes more options, e.g. make lab LAB_ARGS="--port 9000".
+lab: $(STAMP)
+	$(PY) -m jupyterlab --no-browser --ip=127.0.0.1 --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not notebook and not network"
+	$(PY) -m pytest -m "not notebook and not network and not browser"
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

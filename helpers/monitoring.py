@@ -6,7 +6,7 @@ import time
 import helpers.stack  # noqa: F401  (unsloth before transformers)
 from transformers import TrainerCallback
 
-from helpers.environment import gpu_total_gib
+from helpers.environment import gpu_total_gib, peak_memory
 
 
 def should_redraw(interactive: bool, step: int, every: int, last_step: int) -> bool:
@@ -23,14 +23,16 @@ def gpu_memory_gib() -> tuple[float, float] | None:
     return torch.cuda.max_memory_reserved() / 2**30, gpu_total_gib()
 
 
-def progress_title(step: int, max_steps: int, elapsed: float, memory: tuple[float, float] | None) -> str:
+def memory_label(gpu: tuple[float, float] | None, peak_rss_gib: float) -> str:
+    """'GPU 7.4/15.0 GiB' (peak reserved / total) with CUDA, else 'RAM 1.0 GiB peak' (this process's peak RSS)."""
+    return f"GPU {gpu[0]:.1f}/{gpu[1]:.1f} GiB" if gpu is not None else f"RAM {peak_rss_gib:.1f} GiB peak"
+
+
+def progress_title(step: int, max_steps: int, elapsed: float, memory: str) -> str:
     """'step 40/120 · 0:01:10 elapsed · 0:02:20 left · GPU 7.4/15.0 GiB' (time left from the pace so far)."""
     left = elapsed / step * (max_steps - step) if step else 0.0
     clock = lambda s: time.strftime("%H:%M:%S", time.gmtime(s))  # noqa: E731
-    parts = [f"step {step}/{max_steps}", f"{clock(elapsed)} elapsed", f"{clock(left)} left"]
-    if memory is not None:
-        parts.append(f"GPU {memory[0]:.1f}/{memory[1]:.1f} GiB")
-    return " · ".join(parts)
+    return " · ".join([f"step {step}/{max_steps}", f"{clock(elapsed)} elapsed", f"{clock(left)} left", memory])
 
 
 class LiveLossPlot(TrainerCallback):
@@ -69,7 +71,8 @@ class LiveLossPlot(TrainerCallback):
         ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title(progress_title(step, max_steps, time.perf_counter() - self._started, gpu_memory_gib()))
+        memory = memory_label(gpu_memory_gib(), peak_memory()["peak_rss_gib"])
+        ax.set_title(progress_title(step, max_steps, time.perf_counter() - self._started, memory))
         ax.grid(alpha=0.3)
         if self._handle is None:
             self._handle = display(fig, display_id=True)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers.monitoring import LiveLossPlot, progress_title, should_redraw
+from helpers.monitoring import LiveLossPlot, memory_label, progress_title, should_redraw
 
 
 @pytest.mark.parametrize("step", range(0, 13))
@@ -19,9 +19,9 @@ def test_interactive_redraws_every_few_steps_and_at_the_end():
 
 
 def test_progress_title_says_step_time_left_and_memory():
-    title = progress_title(30, 120, elapsed=60.0, memory=(7.4, 15.0))
+    title = progress_title(30, 120, elapsed=60.0, memory=memory_label((7.4, 15.0), peak_rss_gib=2.0))
     assert title == "step 30/120 · 00:01:00 elapsed · 00:03:00 left · GPU 7.4/15.0 GiB"
-    assert "GPU" not in progress_title(30, 120, 60.0, None)
+    assert progress_title(30, 120, 60.0, memory_label(None, peak_rss_gib=1.04)).endswith("left · RAM 1.0 GiB peak")
 
 
 def _log(callback, steps, interactive_args):
