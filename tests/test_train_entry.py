@@ -30,8 +30,9 @@ def test_accelerate_launch_runs_the_entry_point_single_process(tiny_run, tmp_pat
                    check=True, capture_output=True)
     record = read_json(run_dir / "run.json")
     assert record["status"] == "finished"
-    assert record["distributed"] == {"num_processes": 1, "per_device_train_batch_size": 2,
-                                     "gradient_accumulation_steps": 4, "global_batch": 8}
+    # the recipe's 2 x 4 rows per step, computed as one micro-batch of 8 (micro_batching="auto")
+    assert record["distributed"] == {"num_processes": 1, "micro_batching": "auto", "per_device_train_batch_size": 8,
+                                     "gradient_accumulation_steps": 1, "global_batch": 8}
     assert (run_dir / "adapter/adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
     # the same figures as the notebook path: same seed, same data, same steps
     assert (run_dir / "train_log.csv").read_text() == (tiny_run / "train_log.csv").read_text()
