@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 # GPU memory one token of a micro-batch takes in training, per unit of the model's hidden_size + intermediate_size
 # (the activations of one decoder layer, recomputed under unsloth's offloaded gradient checkpointing). Measured on
-# the H200 for the 8B shape (4096 + 14336) in 4-bit with fp16 (2026-11-29): peak reserved 7.4 GiB at the tutorial's
-# ~500-token micro-batches and 14.5 GiB for one 32,768-token row, i.e. ~0.22 MiB a token; taken as 0.33 MiB (1.5x)
-# for margin.
-BYTES_PER_TOKEN_AND_WIDTH = 0.33 * 2**20 / (4096 + 14336)
+# the H200 for the 8B shape (4096 + 14336) in 4-bit with fp16 (bench/results-h200-2026-11-29.json): one row of
+# 8,192 tokens peaked at 7.95 GiB reserved, one of 32,768 at 14.47 GiB, i.e. 0.27 MiB a token; taken as 0.4 MiB
+# (1.5x) for margin. With rows x max_seq_length as the micro-batch's tokens (the worst case), the 8B recipe's 8 rows
+# of up to 2,048 tokens fit a T4's 15 GiB as one micro-batch.
+BYTES_PER_TOKEN_AND_WIDTH = 0.4 * 2**20 / (4096 + 14336)
 # Gradient and optimizer state per trainable parameter, at most: an fp32 gradient and two fp32 Adam moments.
 BYTES_PER_TRAINABLE_PARAMETER = 12
 
