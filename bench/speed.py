@@ -40,7 +40,14 @@ CONFIGS = {
                       max_length=8192),  # opt-in: rows packed into long sequences (more rows per step)
     "hf-tutorial": dict(backend="hf", batch=2, accumulation=4, micro_batching="recipe", packing=False,
                         max_length=2048),  # plain transformers + peft + bitsandbytes, tutorial's settings
+    # Opt-in (--configs): what else the fast step spends. Padded micro-batches instead of padding-free, and
+    # gradient checkpointing kept on the GPU instead of unsloth's offloading to the CPU.
+    "fast-padded": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                        max_length=2048, padding_free=False),
+    "fast-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                            max_length=2048, checkpointing=True),
 }
+DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
 # long-context option: the MLP's activations computed in tiles) on top of its offloaded gradient checkpointing.
 # Without the tiled MLP, 32,768 trained and 40,960 ran out of memory (2026-11-29).
@@ -68,7 +75,8 @@ def synthetic_dataset(n: int, vocab: int, eos: int):
                                             for k in row_lengths(n)]})
 
 
-def load(backend: str, model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False):
+def load(backend: str, model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False,
+         checkpointing: bool | str = "unsloth"):
     """Model with LoRA r=64 on the seven projections (4-bit base on the GPU) and its tokenizer."""
     import torch
 
@@ -79,7 +87,7 @@ def load(backend: str, model_path: str, max_length: int, precision: str, four_bi
         model, tokenizer = FastLanguageModel.from_pretrained(model_path, max_seq_length=max_length, dtype=dtype,
                                                              load_in_4bit=four_bit, unsloth_tiled_mlp=tiled_mlp)
         model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=64, lora_dropout=0.0, target_modules=MODULES,
-                                                 use_gradient_checkpointing="unsloth", random_state=3407,
+                                                 use_gradient_checkpointing=checkpointing, random_state=3407,
                                                  max_seq_length=max_length)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -126,7 +134,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
-    model, tokenizer = load(spec["backend"], model_path, spec["max_length"], precision, four_bit)
+    model, tokenizer = load(spec["backend"], model_path, spec["max_length"], precision, four_bit,
+                            checkpointing=spec.get("checkpointing", "unsloth"))
     kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
                     micro_batching=spec["micro_batching"])
     batch, accumulation = micro_batches(kit, spec["batch"], spec["accumulation"], model)
@@ -156,7 +165,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
                      max_steps=steps + warmup, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=2,
                      optim="adamw_8bit", logging_steps=1, fp16=precision == "fp16", bf16=precision == "bf16",
                      packing=spec["packing"], max_length=spec["max_length"], save_strategy="no", report_to="none",
-                     include_num_input_tokens_seen="non_padding", seed=3407, dataset_num_proc=1)
+                     include_num_input_tokens_seen="non_padding", seed=3407, dataset_num_proc=1,
+                     **({"padding_free": spec["padding_free"]} if "padding_free" in spec else {}))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, callbacks=[Clock()],
                          train_dataset=synthetic_dataset(rows, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
     if spec["backend"] == "hf" and precision == "fp16":
@@ -255,7 +265,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (the 8B shape: python -m helpers.local_models DIR "
                                         "--shape llama-8b)")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
     parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
