@@ -78,12 +78,13 @@ def runs(loaded):
         gc.collect()
         torch.cuda.empty_cache()
     differences = {column: [abs(b[column] - a[column]) / abs(a[column])
-                            for a, b in zip(results["recipe"]["log"], results["auto"]["log"])]
+                            for a, b in zip(results["recipe"]["log"], results["auto"]["log"])
+                            if math.isfinite(a[column]) and math.isfinite(b[column])]
                    for column in ("loss", "grad_norm")}
     report = {"steps": STEPS, "shapes": {m: r["shape"] for m, r in results.items()},
               "peak_reserved_gib": {m: round(r["peak_reserved_gib"], 2) for m, r in results.items()},
-              "max_relative_difference": {c: max(d) for c, d in differences.items()},
-              "first_step_relative_difference": {c: d[0] for c, d in differences.items()},
+              "max_relative_difference": {c: max(d, default=None) for c, d in differences.items()},
+              "first_step_relative_difference": {c: d[0] if d else None for c, d in differences.items()},
               "losses": {m: [row["loss"] for row in r["log"]] for m, r in results.items()},
               "grad_norms": {m: [row["grad_norm"] for row in r["log"]] for m, r in results.items()}}
     if os.environ.get("KIT_GPU_REPORT"):
@@ -112,9 +113,12 @@ def test_auto_trains_the_recipe_step_for_step_in_fp16(runs):
     recipe, auto = runs["recipe"]["log"], runs["auto"]["log"]
     assert len(recipe) == len(auto) == STEPS
     for column in ("loss", "grad_norm"):
-        assert auto[0][column] == pytest.approx(recipe[0][column], rel=FIRST_STEP_TOLERANCE[column])
         for a, b in zip(recipe, auto):
-            assert b[column] == pytest.approx(a[column], rel=TOLERANCE[column]), (a["step"], column)
+            if not math.isfinite(a[column]):  # a step the fp16 grad scaler skipped (overflow): skipped in both
+                assert not math.isfinite(b[column]), (a["step"], column)
+                continue
+            tolerance = (FIRST_STEP_TOLERANCE if a is recipe[0] else TOLERANCE)[column]
+            assert b[column] == pytest.approx(a[column], rel=tolerance), (a["step"], column)
 
 
 def test_fp16_training_stays_finite_with_the_grad_scaler(runs):
