@@ -1,13 +1,17 @@
-"""Training speed and memory of the recipe on a CUDA machine: the tutorial's settings, the kit's fast settings, and
-plain transformers + peft + bitsandbytes, each configuration in its own process; then the longest sequence that
-trains under a memory cap standing in for a T4. Prints a table and writes JSON.
+"""Training speed and memory of the recipe on a CUDA machine, each configuration in its own process: the tutorial's
+settings, the kit's fast default (micro_batching="auto": the same 8 rows per optimizer step in one micro-batch),
+rows packed into 8,192-token sequences, and plain transformers + peft + bitsandbytes at the tutorial's settings;
+then the longest single row that trains under the memory cap. Every process runs under the cap (15 GiB, a T4's
+memory). Prints a table and writes JSON (rewritten after each configuration, so a run cut short keeps what it
+measured).
 
 Rows are synthetic token ids whose lengths follow the Human-Like-DPO data as our Alpaca template renders it: about
 60 tokens of template and prompt plus a `chosen` answer of roughly 100-300 words (1.3 tokens a word), i.e. a
 log-normal length with median 240 tokens, clipped to 90-700 (see ROW_LENGTHS). Random weights: the loss only has
 to stay finite.
 
-    python bench/speed.py --model /dev/shm/llama8b --out bench.json
+    python bench/speed.py --model /dev/shm/llama8b --out bench.json   # the 8B shape, 4-bit, fp16, on a GPU
+    python bench/speed.py --smoke --out /tmp/smoke.json               # the tiny model on the CPU: checks the script
 """
 from __future__ import annotations
 
@@ -17,19 +21,37 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 ROW_LENGTHS = dict(median=240, sigma=0.45, low=90, high=700)
 PARAMS_8B = 8.03e9
 PEAK_FLOPS = 790e12  # H200 dense bf16/fp16 tensor throughput reachable in practice
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
-    # name: (backend, micro-batch rows, accumulation, packing, max_length)
-    "tutorial": ("unsloth", 2, 4, False, 2048),  # the tutorial's settings
-    "packed-4k": ("unsloth", 2, 4, True, 4096),  # fast candidates: rows packed into long sequences
-    "packed-8k": ("unsloth", 1, 8, True, 8192),
-    "hf-tutorial": ("hf", 2, 4, False, 2048),  # plain transformers + peft + bitsandbytes, tutorial's settings
+    # name: backend, the recipe's micro-batch rows and accumulation, micro_batching, packing, max_length
+    "tutorial": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="recipe", packing=False,
+                     max_length=2048),
+    "fast": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                 max_length=2048),  # the kit's default: the tutorial's 8 rows per step, as few micro-batches as fit
+    "packed-8k": dict(backend="unsloth", batch=1, accumulation=8, micro_batching="recipe", packing=True,
+                      max_length=8192),  # opt-in: rows packed into long sequences (more rows per step)
+    "hf-tutorial": dict(backend="hf", batch=2, accumulation=4, micro_batching="recipe", packing=False,
+                        max_length=2048),  # plain transformers + peft + bitsandbytes, tutorial's settings
+    # Opt-in (--configs): what else the fast step spends. Padded micro-batches instead of padding-free, and
+    # gradient checkpointing kept on the GPU instead of unsloth's offloading to the CPU.
+    "fast-padded": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                        max_length=2048, padding_free=False),
+    "fast-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                            max_length=2048, checkpointing=True),
 }
+DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
+# Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
+# long-context option: the MLP's activations computed in tiles) on top of its offloaded gradient checkpointing.
+# Without the tiled MLP, 32,768 trained and 40,960 ran out of memory (2026-11-29).
+LONGEST = [32768, 40960, 49152, 57344, 65536, 81920]
 
 
 def row_lengths(n: int, seed: int = 0) -> list[int]:
@@ -53,151 +75,244 @@ def synthetic_dataset(n: int, vocab: int, eos: int):
                                             for k in row_lengths(n)]})
 
 
-def load(backend: str, model_path: str, max_length: int, precision: str):
-    """Model with LoRA r=64 on the seven projections, 4-bit base, and its tokenizer."""
+def load(backend: str, model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False,
+         checkpointing: bool | str = "unsloth"):
+    """Model with LoRA r=64 on the seven projections (4-bit base on the GPU) and its tokenizer."""
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     if backend == "unsloth":
         from helpers.stack import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(model_path, max_seq_length=max_length, dtype=dtype,
-                                                             load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
-                                                 use_gradient_checkpointing="unsloth", random_state=3927)
+                                                             load_in_4bit=four_bit, unsloth_tiled_mlp=tiled_mlp)
+        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
+                                                 use_gradient_checkpointing=checkpointing, random_state=3927,
+                                                 max_seq_length=max_length)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
+    quant = None
+    if four_bit:  # the 4-bit layers compute in the training precision, so no bf16 part is left under fp16
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": 0}, attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=modules,
+                                                 attn_implementation="sdpa",
+                                                 **({"device_map": {"": 0}} if torch.cuda.is_available() else {}))
+    if four_bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
                                              task_type="CAUSAL_LM"))
-    for param in model.parameters():
-        if param.requires_grad:  # the QLoRA recipe: trainable weights in fp32, so the fp16 grad scaler can unscale
-            param.data = param.data.float()
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
-def worker(name: str, model_path: str, steps: int, warmup: int, precision: str) -> dict:
-    """Train one configuration for warmup + steps optimizer steps; measure after the warm-up."""
-    backend, batch, accumulation, packing, max_length = CONFIGS[name]
-    if backend == "unsloth":
+def trainable_to_fp32(model) -> None:
+    """The QLoRA recipe under fp16: trainable weights in fp32, so the fp16 grad scaler can unscale their gradients.
+    trl's SFTTrainer casts a quantized model's adapter weights to bf16 when it is built, so this runs after."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, cap_gib: float, four_bit: bool,
+           run_dir: str) -> dict:
+    """Train one configuration for warmup + steps optimizer steps under the memory cap; measure after the warm-up."""
+    spec = CONFIGS[name]
+    if spec["backend"] == "unsloth":
         import helpers.stack  # noqa: F401  (before trl)
     import torch
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = load(backend, model_path, max_length, precision)
-    marks: list[tuple[float, int]] = []
+    from helpers.batching import micro_batches
+    from helpers.config import RunConfig
+    from helpers.environment import cap_gpu_memory, peak_memory
+
+    cuda = torch.cuda.is_available()
+    cap_gpu_memory(cap_gib)
+    model, tokenizer = load(spec["backend"], model_path, spec["max_length"], precision, four_bit,
+                            checkpointing=spec.get("checkpointing", "unsloth"))
+    kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
+                    micro_batching=spec["micro_batching"])
+    batch, accumulation = micro_batches(kit, spec["batch"], spec["accumulation"], model)
+    marks: dict[str, list[float]] = {"step_end": [], "pre_optimizer": [], "optimizer": []}
+    tokens: list[int] = []
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            marks["pre_optimizer"].append(now())
 
-    rows = batch * accumulation * (steps + warmup)
-    if packing:  # enough rows to fill every packed sequence, with room to spare
-        rows = math.ceil(rows * max_length / ROW_LENGTHS["median"] * 1.3)
-    args = SFTConfig(output_dir="/tmp/bench-out", per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accumulation, max_steps=steps + warmup, learning_rate=2e-4,
-                     lr_scheduler_type="linear", warmup_steps=2, optim="adamw_8bit", logging_steps=1,
-                     fp16=precision == "fp16", bf16=precision == "bf16", packing=packing, max_length=max_length,
-                     save_strategy="no", report_to="none", include_num_input_tokens_seen="non_padding", seed=3407,
-                     dataset_num_proc=1)
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            marks["optimizer"].append(now())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks["step_end"].append(now())
+            tokens.append(state.num_input_tokens_seen)
+
+    rows = spec["batch"] * spec["accumulation"] * (steps + warmup)
+    if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
+        rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
+    args = SFTConfig(output_dir=run_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                     max_steps=steps + warmup, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=2,
+                     optim="adamw_8bit", logging_steps=1, fp16=precision == "fp16", bf16=precision == "bf16",
+                     packing=spec["packing"], max_length=spec["max_length"], save_strategy="no", report_to="none",
+                     include_num_input_tokens_seen="non_padding", seed=3407, dataset_num_proc=1,
+                     **({"padding_free": spec["padding_free"]} if "padding_free" in spec else {}))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, callbacks=[Clock()],
                          train_dataset=synthetic_dataset(rows, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
-    torch.cuda.reset_peak_memory_stats()
+    if spec["backend"] == "hf" and precision == "fp16":
+        trainable_to_fp32(trainer.model)
+    collate, positions = trainer.data_collator, [0]
+
+    def counting_collator(examples):  # every position the model computes, padding included
+        batch_out = collate(examples)
+        positions[0] += batch_out["input_ids"].numel()
+        return batch_out
+
+    trainer.data_collator = counting_collator
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    (t0, n0), (t1, n1) = marks[warmup - 1], marks[-1]
+    measured = len(marks["step_end"]) - warmup
+    t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][-1]
+    n0, n1 = tokens[warmup - 1], tokens[-1]
+    optimizer_s = [b - a for a, b in zip(marks["pre_optimizer"][warmup:], marks["optimizer"][warmup:])]
     tokens_per_s = (n1 - n0) / (t1 - t0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"config": name, "backend": backend, "micro_batch_rows": batch, "accumulation": accumulation,
-            "packing": packing, "max_length": max_length, "precision": precision,
-            "tokens_per_s": round(tokens_per_s, 1), "s_per_step": round((t1 - t0) / (len(marks) - warmup), 3),
-            "tokens_per_step": round((n1 - n0) / (len(marks) - warmup)),
+    peaks = peak_memory()
+    return {"config": name, "backend": spec["backend"], "micro_batching": spec["micro_batching"],
+            "recipe_batch": f"{spec['batch']} x {spec['accumulation']}", "micro_batch_rows": batch,
+            "accumulation": accumulation, "packing": spec["packing"], "max_length": spec["max_length"],
+            "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+            "padding_share": round(1 - tokens[-1] / positions[0], 4) if positions[0] else None,
+            "precision": precision, "cap_gib": cap_gib, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "tokens_per_s": round(tokens_per_s, 1), "s_per_step": round((t1 - t0) / measured, 3),
+            "optimizer_s_per_step": round(sum(optimizer_s) / len(optimizer_s), 4),
+            "tokens_per_step": round((n1 - n0) / measured),
             "mfu": round(tokens_per_s * 6 * PARAMS_8B / PEAK_FLOPS, 4),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-            "final_loss": losses[-1], "loss_finite": all(math.isfinite(x) for x in losses)}
+            "peak_allocated_gib": peaks.get("peak_gpu_allocated_gib"), "peak_reserved_gib": peaks.get(
+                "peak_gpu_reserved_gib"), "final_loss": losses[-1], "loss_finite": all(math.isfinite(x) for x in losses)}
 
 
-def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precision: str) -> dict:
-    """The longest single row that trains (forward + backward) with GPU memory capped at cap_gib."""
+def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precision: str, four_bit: bool) -> dict:
+    """The longest single row that trains (forward + backward) under cap_gib, with unsloth's tiled MLP."""
     import helpers.stack  # noqa: F401
     import torch
 
-    torch.cuda.set_per_process_memory_fraction(cap_gib / (torch.cuda.get_device_properties(0).total_memory / 2**30))
-    model, _ = load("unsloth", model_path, max(lengths), precision)
+    from helpers.environment import cap_gpu_memory
+
+    cuda = torch.cuda.is_available()
+    cap_gpu_memory(cap_gib)
+    model, _ = load("unsloth", model_path, max(lengths), precision, four_bit, tiled_mlp=True)
     model.train()
-    fits = {}
+    device, dtype = ("cuda", torch.float16 if precision == "fp16" else torch.bfloat16) if cuda else ("cpu", None)
+    fits: dict[int, float | None] = {}
     for length in lengths:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(10, 1000, (1, length), device="cuda")
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(10, 1000, (1, length), device=device)
+        started = time.perf_counter()
         try:
-            with torch.autocast("cuda", dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])):
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
-            fits[length] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            fits[length] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0.0
         except torch.OutOfMemoryError:
             fits[length] = None
             break
         finally:
             loss = None
+        print(f"length {length}: {fits[length]} GiB reserved, {time.perf_counter() - started:.1f} s", flush=True)
     ok = [n for n, gib in fits.items() if gib is not None]
-    return {"cap_gib": cap_gib, "precision": precision, "tried": fits, "longest_tokens": max(ok) if ok else 0}
+    return {"job": "longest", "cap_gib": cap_gib, "precision": precision, "tiled_mlp": True,
+            "tried_peak_reserved_gib": fits, "longest_tokens": max(ok) if ok else 0}
+
+
+def table(results: list[dict]) -> str:
+    """The results as a Markdown table (ratio to the tutorial's tokens/s), the longest row and any failures."""
+    base = next((r["tokens_per_s"] for r in results if r.get("config") == "tutorial"), None)
+    lines = ["| configuration | micro-batch | tokens/s | x tutorial | s/step | optimizer s/step | tokens/step | "
+             "padding | MFU | peak reserved GiB | loss finite |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "tokens_per_s" in r:
+            ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+            padding = "free" if r["padding_free"] else f"{r['padding_share']:.0%}"
+            lines.append(f"| {r['config']} | {r['micro_batch_rows']} x {r['accumulation']} | {r['tokens_per_s']:,.0f} | "
+                         f"{ratio} | {r['s_per_step']} | {r['optimizer_s_per_step']} | {r['tokens_per_step']:,} | "
+                         f"{padding} | {r['mfu']:.1%} | {r['peak_reserved_gib']} | {r['loss_finite']} |")
+    for r in results:
+        if "longest_tokens" in r:
+            lines.append(f"\nlongest row under {r['cap_gib']} GiB ({r['precision']}, tiled MLP): "
+                         f"{r['longest_tokens']:,} tokens; {r['tried_peak_reserved_gib']}")
+        elif "error" in r:
+            lines.append(f"\n{r['job']} failed:\n{r['error']}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="model directory (the 8B shape: python -m helpers.local_models DIR "
+                                        "--shape llama-8b)")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16"])
-    parser.add_argument("--longest", nargs="*", type=int, default=[8192, 16384, 24576, 32768, 40960, 49152, 65536])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap of every process (a T4's 15)")
+    parser.add_argument("--longest", nargs="*", type=int, default=LONGEST, help="lengths to try; none to skip")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, fp32, few steps: checks "
+                                                             "the script end to end without a GPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        from helpers.local_models import build_tiny_model
+
+        args.model = args.model or str(build_tiny_model(Path(tempfile.gettempdir()) / "bench-tiny-llama"))
+        args.precision, args.steps, args.warmup, args.cap_gib = "fp32", 2, 1, 0.0
+        args.longest = [n for n in args.longest if n <= 1024] or [256, 512, 1024]
+        # plain trl 1.15 computes the loss with a Triton kernel (its fused LM head), which needs a GPU
+        args.configs = [name for name in args.configs if CONFIGS[name]["backend"] == "unsloth"]
+    if not args.model:
+        parser.error("--model is required (or --smoke)")
     if args.worker:
         kind, _, name = args.worker.partition(":")
-        result = (longest_sequence(args.model, 15.0, args.longest, args.precision) if kind == "longest"
-                  else worker(name, args.model, args.steps, args.warmup, args.precision))
+        with tempfile.TemporaryDirectory() as run_dir:
+            result = (longest_sequence(args.model, args.cap_gib, args.longest, args.precision, not args.smoke)
+                      if kind == "longest" else
+                      worker(name, args.model, args.steps, args.warmup, args.precision, args.cap_gib, not args.smoke,
+                             run_dir))
         Path(args.out).write_text(json.dumps(result))
         return
     results = []
     jobs = [f"config:{name}" for name in args.configs] + (["longest:"] if args.longest else [])
     for job in jobs:
-        out = Path(f"/tmp/bench-{len(results)}.json")
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--worker", job, "--model", args.model, "--out", str(out),
-                               "--steps", str(args.steps), "--warmup", str(args.warmup),
-                               "--precision", args.precision, "--longest", *map(str, args.longest)],
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                                                os.environ.get("PYTHONPATH", "")])},
-                              capture_output=True, text=True)
-        if proc.returncode:
-            results.append({"job": job, "error": proc.stderr[-1500:]})
-        else:
-            results.append(json.loads(out.read_text()))
-        print(f"{job}: {time.perf_counter() - started:.0f} s", flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print("\n| configuration | tokens/s | s/step | tokens/step | MFU | peak alloc GiB | peak reserved GiB | loss finite |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if "tokens_per_s" in r:
-            print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['s_per_step']} | {r['tokens_per_step']:,} | "
-                  f"{r['mfu']:.1%} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} | {r['loss_finite']} |")
-        elif "longest_tokens" in r:
-            print(f"\nlongest row under {r['cap_gib']} GiB ({r['precision']}): {r['longest_tokens']:,} tokens; {r['tried']}")
-        else:
-            print(f"\n{r['job']} failed:\n{r['error']}")
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            proc = subprocess.run([sys.executable, __file__, "--worker", job, "--model", args.model, "--out", out.name,
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
+                                   args.precision, "--cap-gib", str(args.cap_gib), "--longest", *map(str, args.longest),
+                                   *(["--smoke"] if args.smoke else [])],
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                                                    os.environ.get("PYTHONPATH", "")])},
+                                  capture_output=True, text=True)
+            result = ({"job": job, "error": proc.stderr[-3000:]} if proc.returncode
+                      else json.loads(Path(out.name).read_text()))
+        result["process_s"] = round(time.perf_counter() - started, 1)
+        results.append(result)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"{job}: {result['process_s']:.0f} s{' (failed)' if 'error' in result else ''}", flush=True)
+    print("\n" + table(results))
 
 
 if __name__ == "__main__":

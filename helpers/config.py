@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LONG_ROWS = ("truncate", "drop")
 RESUME = ("auto", "never")
 REPORT_TO = ("none", "tensorboard", "wandb")
+MICRO_BATCHING = ("auto", "recipe")
 EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 # A curated subset of trl's DPOConfig.loss_type values: the pairwise losses that need nothing but chosen/rejected.
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
@@ -71,6 +72,7 @@ class RunConfig:
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
+    micro_batching: str = "auto"
     warmup_steps: int = 5
     weight_decay: float = 0.01
     lr_scheduler_type: str = "linear"
@@ -140,6 +142,7 @@ class RunConfig:
         _choose("long_rows", self.long_rows, LONG_ROWS)
         _choose("resume", self.resume, RESUME)
         _choose("report_to", self.report_to, REPORT_TO)
+        _choose("micro_batching", self.micro_batching, MICRO_BATCHING)
         _require("eval_fraction", self.eval_fraction, 0 <= self.eval_fraction <= 0.5,
                  "a number in [0, 0.5] (0 turns held-out evaluation off)")
         _require("formats", self.formats, bool(self.formats), "a non-empty list")

@@ -171,7 +171,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 def out_of_memory_advice(config) -> str:
     """What to lower after a CUDA out-of-memory error, with the current values."""
-    return (f"CUDA ran out of memory. Lower per_device_train_batch_size (now {config.per_device_train_batch_size}) "
+    return (f"CUDA ran out of memory. Set micro_batching='recipe' (now {config.micro_batching!r}) to compute each "
+            "step in the recipe's smaller micro-batches, or "
+            f"lower per_device_train_batch_size (now {config.per_device_train_batch_size}) "
             f"and raise gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to keep the batch, "
             f"or lower max_seq_length (now {config.max_seq_length}) or lora_r (now {config.lora_r}); keep "
             f"load_in_4bit=True (now {config.load_in_4bit}). Checkpoints so far are kept; resume='auto' continues.")

@@ -7,6 +7,8 @@ From a notebook, train(config) runs in the kernel, or on config.num_processes GP
 
 The global batch is what the config asks for on one process (per_device_train_batch_size x
 gradient_accumulation_steps); with N processes the accumulation is divided by N so that it stays the same.
+Each process then computes its rows per step as micro_batching asks (helpers.batching): in the recipe's
+micro-batches, or in fewer, larger ones where memory allows. run.json's `distributed` records what ran.
 Only the main process writes run.json, split.json, the log, the plot and the adapter.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
-from helpers import data, modeling, plotting, training
+from helpers import batching, data, modeling, plotting, training
 from helpers.config import RunConfig
 from helpers.environment import peak_memory, release_memory
 from helpers.records import read_json, update_run_record
@@ -49,8 +51,6 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) ->
     state = PartialState()
     per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
                                                   config.gradient_accumulation_steps, state.num_processes)
-    run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
-                                     gradient_accumulation_steps=accumulation)
     rows = data.load_checked_rows(config) if rows is None else rows
     with state.main_process_first():  # the main process checks run_dir and writes run.json and split.json first
         precision = training.prepare_run(config, main_process=state.is_main_process)
@@ -60,12 +60,16 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) ->
     eval_set = data.to_training_set(eval_rows, config, tokenizer) if eval_rows else None
     model, tokenizer = modeling.load_base_model(config, precision)
     model = modeling.add_lora(model, config)
+    per_device, accumulation = batching.micro_batches(config, per_device, accumulation, model)
+    run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
+                                     gradient_accumulation_steps=accumulation)
     trainer = training.build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
     metrics = training.train_and_record(trainer, model, tokenizer, config)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None:
         return None
     update_run_record(config.run_dir, distributed={"num_processes": state.num_processes,
+                                                   "micro_batching": config.micro_batching,
                                                    "per_device_train_batch_size": per_device,
                                                    "gradient_accumulation_steps": accumulation,
                                                    "global_batch": per_device * accumulation * state.num_processes,
