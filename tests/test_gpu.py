@@ -58,15 +58,18 @@ def runs(loaded):
 
     model, tokenizer, train_set, config = loaded
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    # Each mode's micro-batches decided as training decides them: right after the model and adapter load, before
+    # any run has left gradients on the GPU.
+    shapes = {mode: batching.micro_batches(dataclasses.replace(config, micro_batching=mode), 2, 4, model)
+              for mode in ("recipe", "auto")}
     results = {}
     for mode in ("recipe", "auto"):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in initial:
                     p.copy_(initial[name])
-        run_config = dataclasses.replace(config, micro_batching=mode)
-        rows, accumulation = batching.micro_batches(run_config, 2, 4, model)
-        run_config = dataclasses.replace(run_config, per_device_train_batch_size=rows,
+        rows, accumulation = shapes[mode]
+        run_config = dataclasses.replace(config, micro_batching=mode, per_device_train_batch_size=rows,
                                          gradient_accumulation_steps=accumulation)
         trainer = training.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
