@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from helpers.gguf import (OFFLINE_QUANTIZATIONS, load_gguf, round_trip_texts, token_ids, tokenizer_round_trip,
+                          write_gguf)
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
 
@@ -104,6 +106,12 @@ def _save(export_format: str, model, tokenizer, config, folder: Path) -> None:
         if export_format != "lora":
             _check_merged(folder)
         return
+    if config.gguf_quantization in OFFLINE_QUANTIZATIONS:  # llama.cpp's converter, in Python: no build needed
+        merged = folder / "merged"
+        _save("merged_16bit", model, tokenizer, config, merged)
+        write_gguf(merged, folder, config)
+        shutil.rmtree(merged)
+        return
     problem = llama_cpp_problem()
     if problem:
         raise RuntimeError(problem)
@@ -141,11 +149,7 @@ def _reload(export_format: str, folder: Path, config, precision: str):
     from helpers.environment import torch_dtype
 
     if export_format == "gguf":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        name = sorted(folder.glob("*.gguf"))[0].name  # transformers dequantizes it; needs the `gguf` package
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype(precision))
-        return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        return load_gguf(folder, precision)  # transformers dequantizes it; needs the `gguf` package
     from helpers.stack import FastLanguageModel
 
     load_in_4bit = {"lora": config.load_in_4bit, "merged_16bit": False, "merged_4bit": True}[export_format]
@@ -163,6 +167,9 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
         model, tokenizer = _reload(export_format, folder, config, precision)
         answer = greedy_answer(model, tokenizer, config)["text"]
         agreement = token_agreement(model, expected["prompt_ids"], expected["answer_ids"])
+        tokenizer_check = ({"tokenizer_round_trip": tokenizer_round_trip(tokenizer, expected["texts"],
+                                                                         expected["token_ids"])}
+                           if export_format == "gguf" else {})
     except Exception as error:  # recorded, not raised: the files are written, only the check failed
         log.warning("reloading %s failed: %s", export_format, error)
         return {"loaded": model is not None, "error": f"{type(error).__name__}: {error}", "same_answer": False}
@@ -170,7 +177,7 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
         del model
         _free_memory()
     return {"loaded": True, "same_answer": answer == expected["text"], "token_agreement": round(agreement, 4),
-            "answer": answer, "expected": expected["text"]}
+            "answer": answer, "expected": expected["text"], **tokenizer_check}
 
 
 def _free_memory() -> None:
@@ -222,7 +229,8 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     manifest = read_json(path) if path.exists() else {"formats": {}}
-    expected = greedy_answer(model, tokenizer, config)
+    texts = round_trip_texts(tokenizer, config)
+    expected = {**greedy_answer(model, tokenizer, config), "texts": texts, "token_ids": token_ids(tokenizer, texts)}
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
                     check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"]})
     for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
