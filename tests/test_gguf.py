@@ -142,7 +142,7 @@ def test_smollm2_after_sft_exports_to_a_gguf_that_answers_like_the_tuned_model(t
                        load_in_4bit=False, precision="fp32", dataset="helpers/data/sample_dpo.jsonl",
                        prompt_template="chat", train_on_responses_only=True, lora_r=8, lora_alpha=16,
                        learning_rate=5e-4, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                       warmup_steps=0, eval_fraction=0.05, eval_steps=100, save_steps=100, optim="adamw_torch",
+                       warmup_steps=0, eval_fraction=0.02, eval_steps=100, save_steps=100, optim="adamw_torch",
                        formats=["gguf"])
     train(config)
     model, tokenizer = load_trained_model(config, "fp32", Path(config.run_dir) / "adapter")
