@@ -99,7 +99,7 @@ class RunConfig:
     temperature: float = 0.0
     # export and sharing
     formats: list[str] = field(default_factory=lambda: ["lora"])
-    gguf_quantization: str = "q4_k_m"
+    gguf_quantization: str = "q8_0"
     push_to_hub: bool = False
     hub_repo_id: str = ""
     private: bool = True

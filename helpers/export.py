@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers.environment import peak_memory, release_memory, reset_peak_memory
+from helpers.gguf import (OFFLINE_QUANTIZATIONS, load_gguf, round_trip_texts, token_ids, tokenizer_round_trip,
+                          write_gguf)
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
 
@@ -103,16 +105,28 @@ def llama_cpp_problem() -> str | None:
             "UNSLOTH_LLAMA_CPP_PATH to a built copy), then run this notebook again with formats=['gguf'].")
 
 
-def check_free_disk(model, folder: Path) -> None:
-    """Refuse a merged 16-bit save that would not fit the disk folder lies on (2 bytes a parameter, e.g. 16 GB
-    for an 8B model: more than a free Google Drive holds), before anything is written."""
+# Host memory a merged 16-bit export took, per byte it wrote: measured on the H200 for the 8B stand-in (2026-11-30,
+# bench/gpu_colab_t4.sh), the merge and its 4-bit reload check peaked at 31.8 GiB RSS for 14.96 GiB written.
+MERGE_RAM_PER_BYTE = 31.8 / 14.96
+
+
+def check_room(model, folder: Path) -> None:
+    """Refuse a merged 16-bit save (merged_16bit, and gguf made from it) that would not fit the disk folder lies on
+    (2 bytes a parameter: 16 GB for an 8B model, more than a free Google Drive holds) or this machine's memory
+    (about twice that, measured: a free Colab's 12.7 GB would kill the runtime), before anything is written."""
+    import psutil
     from unsloth_zoo.disk_utils import model_16bit_bytes
 
     need, free = model_16bit_bytes(model), shutil.disk_usage(folder).free
     if need > free:
-        raise RuntimeError(f"merged_16bit needs about {need / 1e9:.1f} GB in {folder.parent}, where {free / 1e9:.1f} "
-                           "GB are free; free space there, or leave merged_16bit out of formats (the lora adapter "
-                           "and gguf are far smaller)")
+        raise RuntimeError(f"a merged 16-bit checkpoint needs about {need / 1e9:.1f} GB in {folder.parent}, where "
+                           f"{free / 1e9:.1f} GB are free; free space there, or leave merged_16bit and gguf out of "
+                           "formats (the lora adapter is far smaller)")
+    ram, total = need * MERGE_RAM_PER_BYTE, psutil.virtual_memory().total
+    if ram > total:
+        raise RuntimeError(f"a merged 16-bit checkpoint of this model needs about {ram / 1e9:.0f} GB of memory to "
+                           f"write and check (measured: 31.8 GiB for an 8B model), and this machine has "
+                           f"{total / 1e9:.1f} GB; export it on a machine with more memory, or keep the lora adapter")
 
 
 def merge_memory_share(config) -> float:
@@ -133,11 +147,17 @@ def _save(export_format: str, model, tokenizer, config, folder: Path) -> None:
     """Write one format into folder through unsloth's own save methods."""
     if export_format != "gguf":
         if export_format == "merged_16bit":
-            check_free_disk(model, folder)
+            check_room(model, folder)
         model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format],
                                      maximum_memory_usage=merge_memory_share(config))
         if export_format != "lora":
             _check_merged(folder)
+        return
+    if config.gguf_quantization in OFFLINE_QUANTIZATIONS:  # llama.cpp's converter, in Python: no build needed
+        merged = folder / "merged"
+        _save("merged_16bit", model, tokenizer, config, merged)
+        write_gguf(merged, folder, config)
+        shutil.rmtree(merged)
         return
     problem = llama_cpp_problem()
     if problem:
@@ -182,11 +202,7 @@ def _reload(export_format: str, folder: Path, config, precision: str):
     from helpers.environment import torch_dtype
 
     if export_format == "gguf":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        name = sorted(folder.glob("*.gguf"))[0].name  # transformers dequantizes it; needs the `gguf` package
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype(precision))
-        return model.eval(), AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        return load_gguf(folder, precision)  # transformers dequantizes it; needs the `gguf` package
     from helpers.stack import FastLanguageModel
 
     load_in_4bit = reloads_in_4bit(export_format, config)  # lora is checked on the model in memory (_loaded)
@@ -232,13 +248,16 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
             loaded = True
             answer = greedy_answer(model, tokenizer, config)["text"]
             agreement = token_agreement(model, expected["prompt_ids"], expected["answer_ids"])
+            tokenizer_check = ({"tokenizer_round_trip": tokenizer_round_trip(tokenizer, expected["texts"],
+                                                                             expected["token_ids"])}
+                               if export_format == "gguf" else {})
     except Exception as error:  # recorded, not raised: the files are written, only the check failed
         log.warning("reloading %s failed: %s", export_format, error)
         return {"loaded": loaded, "error": f"{type(error).__name__}: {error}", "same_answer": False}
     loaded_in = {"lora": "onto the base weights in memory", "gguf": precision}.get(
         export_format, "4-bit" if reloads_in_4bit(export_format, config) else precision)
     return {"loaded": True, "loaded_in": loaded_in, "same_answer": answer == expected["text"],
-            "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"]}
+            "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"], **tokenizer_check}
 
 
 def export_format(export_format: str, model, tokenizer, config, precision: str,
@@ -287,7 +306,8 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     manifest = read_json(path) if path.exists() else {"formats": {}}
-    expected = greedy_answer(model, tokenizer, config)
+    texts = round_trip_texts(tokenizer, config)
+    expected = {**greedy_answer(model, tokenizer, config), "texts": texts, "token_ids": token_ids(tokenizer, texts)}
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
                     check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"],
                            "reference": REFERENCE})

@@ -167,11 +167,14 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
                 f"model = AutoModelForCausalLM.from_pretrained(\"{source}\", dtype=\"auto\", device_map=\"auto\")\n")
         return f"{intro}{needs}\n\n```python\n{code}{prompt}\n{generate}\n```"
     file = gguf_files[0] if gguf_files else "<file>.gguf"
-    ask = (f"-p {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
+    # -no-cnv: the raw Alpaca text, not the chat template the file carries from the base tokenizer
+    ask = (f"-no-cnv -p {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
            if p["prompt_template"] == "alpaca" else "--jinja -cnv  # chat in the model's own template")
-    ollama = (f"`ollama run hf.co/{source}`" if is_hub_id(source)
-              else "`ollama create my-model -f Modelfile` in this folder, then `ollama run my-model`")
-    return f"{intro}\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\nWith Ollama: {ollama}."
+    fetch = (f"`huggingface-cli download {source} --local-dir {_title(source)}`, then in that folder "
+             if is_hub_id(source) else "in this folder, ")
+    return (f"{intro}\n\nWith llama.cpp:\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\n"
+            f"With Ollama: the `Modelfile` beside the file wraps each message in the template the model was trained "
+            f"with and stops at its EOS; {fetch}`ollama create my-model -f Modelfile`, then `ollama run my-model`.")
 
 
 def _title(source: str) -> str:

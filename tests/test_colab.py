@@ -167,16 +167,22 @@ def test_end_to_end_notebook_trains_answers_evaluates_and_exports_in_one_kernel(
     assert len(images) >= 2, "the loss curve and the evaluation chart are shown inline"
 
 
-def test_merged_16bit_refuses_to_start_without_the_disk_it_needs(monkeypatch, tmp_path):
-    import helpers.export as export
+def test_a_merged_16bit_save_refuses_to_start_without_the_disk_or_memory_it_needs(monkeypatch, tmp_path):
+    import psutil
     import unsloth_zoo.disk_utils as disk_utils
 
+    import helpers.export as export
+
     monkeypatch.setattr(disk_utils, "model_16bit_bytes", lambda model: 16 * 10**9)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=64 * 10**9))
     monkeypatch.setattr(export.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=15 * 10**9))
-    with pytest.raises(RuntimeError, match=r"merged_16bit needs about 16.0 GB in .*, where 15.0 GB are free"):
-        export.check_free_disk(object(), tmp_path / "merged_16bit")
+    with pytest.raises(RuntimeError, match=r"needs about 16.0 GB in .*, where 15.0 GB are free"):
+        export.check_room(object(), tmp_path / "merged_16bit")
     monkeypatch.setattr(export.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=17 * 10**9))
-    export.check_free_disk(object(), tmp_path / "merged_16bit")
+    export.check_room(object(), tmp_path / "merged_16bit")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=int(12.7 * 10**9)))
+    with pytest.raises(RuntimeError, match=r"needs about 34 GB of memory .* this machine has 12.7 GB"):
+        export.check_room(object(), tmp_path / "merged_16bit")
 
 
 def test_merged_16bit_is_checked_in_4bit_when_the_run_trained_in_4bit():

@@ -222,7 +222,8 @@ def test_formats_unsloth_cannot_make_here_are_recorded_and_the_others_complete(t
     monkeypatch.setenv("UNSLOTH_LLAMA_CPP_OFFLINE", "1")  # as without network: never try to fetch or build it
     run = _copy_run(tiny_run, tmp_path / "run")
     params = read_json(run / "run.json")["parameters"]
-    config = RunConfig.from_dict({**params, "run_dir": str(run), "formats": ["gguf", "merged_4bit", "lora"]})
+    config = RunConfig.from_dict({**params, "run_dir": str(run), "formats": ["gguf", "merged_4bit", "lora"],
+                                  "gguf_quantization": "q4_k_m"})  # a k-quant: only llama.cpp makes it
     model, tokenizer = load_trained_model(config, "fp32", run / "adapter")
     manifest = export_all(model, tokenizer, config, "fp32")
     entries = manifest["formats"]
@@ -269,7 +270,8 @@ def test_the_model_card_shows_the_evaluation_when_there_is_one():
     assert "datasets:\n- HumanLLMs/Human-Like-DPO-Dataset" in card and "Tesla T4" in card and "7.4 GiB GPU" in card
     assert "## Evaluation" in card and "On 50 held-out rows" in card
     assert "| perplexity | 12.18 | 6.69 |" in card and "| preference accuracy | 0.4 | 0.72 |" in card
-    assert "llama-cli -m model.Q4_K_M.gguf" in card and "ollama run hf.co/me/model-GGUF" in card
+    assert "llama-cli -m model.Q4_K_M.gguf" in card and "huggingface-cli download me/model-GGUF" in card
+    assert "ollama create my-model -f Modelfile" in card
     assert "## Evaluation" not in model_card(record, None, "lora", "me/model-lora")
 
 
