@@ -117,7 +117,7 @@ def check_room(model, folder: Path) -> None:
     import psutil
     from unsloth_zoo.disk_utils import model_16bit_bytes
 
-    need, free = model_16bit_bytes(model), shutil.disk_usage(folder).free
+    need, free = model_16bit_bytes(model), shutil.disk_usage(folder.parent).free  # folder itself may not exist yet
     if need > free:
         raise RuntimeError(f"a merged 16-bit checkpoint needs about {need / 1e9:.1f} GB in {folder.parent}, where "
                            f"{free / 1e9:.1f} GB are free; free space there, or leave merged_16bit and gguf out of "
@@ -306,8 +306,10 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     manifest = read_json(path) if path.exists() else {"formats": {}}
-    texts = round_trip_texts(tokenizer, config)
-    expected = {**greedy_answer(model, tokenizer, config), "texts": texts, "token_ids": token_ids(tokenizer, texts)}
+    expected = greedy_answer(model, tokenizer, config)
+    if "gguf" in config.formats:  # the texts whose token ids the GGUF file's tokenizer must reproduce
+        texts = round_trip_texts(tokenizer, config)
+        expected.update(texts=texts, token_ids=token_ids(tokenizer, texts))
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
                     check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"],
                            "reference": REFERENCE})

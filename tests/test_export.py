@@ -30,9 +30,9 @@ DEFAULT_REPOS = {"lora": f"{REPO}-lora", "merged_16bit": REPO}
 
 @pytest.fixture(scope="module")
 def exported(tiny_run):
-    """tiny_run after the export notebook ran on it: default formats, push_to_hub with dry_run."""
-    run_notebook("04_export", {"run_dir": str(tiny_run), "push_to_hub": True, "hub_repo_id": REPO, "dry_run": True},
-                 tiny_run / "export")
+    """tiny_run after the export notebook ran on it: the adapter and merged 16-bit, push_to_hub with dry_run."""
+    run_notebook("04_export", {"run_dir": str(tiny_run), "formats": ["lora", "merged_16bit"], "push_to_hub": True,
+                               "hub_repo_id": REPO, "dry_run": True}, tiny_run / "export")
     return tiny_run
 
 
@@ -48,15 +48,17 @@ def _copy_run(tiny_run: Path, to: Path, with_exports: bool = False) -> Path:
 
 
 @pytest.mark.notebook
-def test_default_formats_reload_with_the_tuned_models_answer(exported):
+def test_lora_and_merged_16bit_reload_with_the_tuned_models_answer(exported):
     manifest = read_json(exported / "export/manifest.json")
     assert set(manifest["formats"]) == {"lora", "merged_16bit"}
     expected = manifest["check"]["expected_answer"]
     assert expected.strip(), "the tuned model gave an empty answer; the check would prove nothing"
+    # the adapter goes back onto the base weights in memory; the merge loads as a model of its own (fp32 here)
+    loaded_in = {"lora": "onto the base weights in memory", "merged_16bit": "fp32"}
     for name, entry in manifest["formats"].items():
         assert entry["status"] == "ok", entry
-        assert entry["reload"] == {"loaded": True, "same_answer": True, "token_agreement": 1.0, "answer": expected,
-                                   "expected": expected}
+        assert entry["reload"] == {"loaded": True, "loaded_in": loaded_in[name], "same_answer": True,
+                                   "token_agreement": 1.0, "answer": expected, "expected": expected}
     assert manifest["formats"]["merged_16bit"]["save_method"] == "merged_16bit"
 
 

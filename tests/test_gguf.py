@@ -24,7 +24,7 @@ class MergingModel:
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def save_pretrained_merged(self, folder, tokenizer, save_method):
+    def save_pretrained_merged(self, folder, tokenizer, save_method, maximum_memory_usage):
         import torch
 
         assert save_method == "merged_16bit"
