@@ -73,7 +73,7 @@ def test_sft_lowers_the_held_out_loss_of_the_real_model(real_runs):
     sft, dpo = real_runs
     assert read_json(sft / "run.json")["status"] == "finished"
     report = read_json(dpo / "eval.json")
-    base, tuned = report["base"], report["compared"][sft.name]
+    base, tuned = report["base"], report["compared"][str(sft)]
     assert tuned["loss"] < 0.95 * base["loss"], f"held-out loss {base['loss']:.3f} -> {tuned['loss']:.3f}"
     assert tuned["preference_accuracy"] > base["preference_accuracy"]
 
@@ -82,6 +82,6 @@ def test_dpo_raises_preference_accuracy_above_sft(real_runs):
     sft, dpo = real_runs
     report = read_json(dpo / "eval.json")
     assert read_json(dpo / "run.json")["parameters"]["model_name"] == SMOLLM2_MODEL_DIR
-    sft_accuracy, dpo_accuracy = report["compared"][sft.name]["preference_accuracy"], report["tuned"]["preference_accuracy"]
+    sft_accuracy, dpo_accuracy = report["compared"][str(sft)]["preference_accuracy"], report["tuned"]["preference_accuracy"]
     assert dpo_accuracy > sft_accuracy, f"preference accuracy SFT {sft_accuracy:.3f}, SFT+DPO {dpo_accuracy:.3f}"
 
