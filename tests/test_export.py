@@ -178,7 +178,7 @@ def test_the_real_push_uploads_exactly_the_dry_runs_plan(exported, tmp_path):
 @pytest.mark.notebook
 def test_a_repo_with_the_other_privacy_is_refused_before_any_upload(exported, tmp_path):
     run = _copy_run(exported, tmp_path / "run", with_exports=True)
-    hub = FakeHub(existing={DEFAULT_REPOS["lora"]: False})  # the default format's repo: public, but private=True is the default
+    hub = FakeHub(existing={DEFAULT_REPOS["lora"]: False})  # the adapter's repo is public; private=True is the default
     with pytest.raises(PermissionError, match="already exists and is public"):
         push_exports(_push_config(run), read_json(run / "export/manifest.json"), api=hub)
     assert not [c for c in hub.calls if c[0] in ("create_repo", "create_commit")]
