@@ -12,7 +12,7 @@ import nbformat
 import pytest
 import yaml
 
-from helpers import colab, environment
+from helpers import environment
 from helpers.colab import BOOTSTRAP_CELL, KIT_REPO, badges_markdown, colab_url, github_path
 from helpers.config import RunConfig, notebook_config
 from helpers.environment import PROJECT_ROOT

@@ -3,7 +3,6 @@ pretrained model with a byte-level BPE tokenizer read from a GGUF file, after a 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
