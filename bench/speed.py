@@ -46,6 +46,15 @@ CONFIGS = {
                         max_length=2048, padding_free=False),
     "fast-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                             max_length=2048, checkpointing=True),
+    # SDPA without cuDNN attention (flash instead, where the GPU has it): on an H100/H200 cuDNN attention costs a
+    # plan per sequence length (unsloth pads lengths to buckets of 128 to bound them) and ~0.2 ms of CPU a call,
+    # and padding-free batches call it once per row and layer
+    "fast-flash": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                       max_length=2048, cudnn_attention=False),
+    "fast-flash-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                                  max_length=2048, cudnn_attention=False, checkpointing=True),
+    "fast-padded-flash": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                              max_length=2048, padding_free=False, cudnn_attention=False),
 }
 DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
@@ -119,8 +128,9 @@ def trainable_to_fp32(model) -> None:
 
 
 def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, cap_gib: float, four_bit: bool,
-           run_dir: str) -> dict:
-    """Train one configuration for warmup + steps optimizer steps under the memory cap; measure after the warm-up."""
+           run_dir: str, profile_dir: str | None = None) -> dict:
+    """Train one configuration for warmup + steps optimizer steps under the memory cap; measure after the warm-up.
+    With profile_dir, two more steps run under torch.profiler after the measured ones (see profiled)."""
     spec = CONFIGS[name]
     if spec["backend"] == "unsloth":
         import helpers.stack  # noqa: F401  (before trl)
@@ -134,6 +144,7 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
+    torch.backends.cuda.enable_cudnn_sdp(spec.get("cudnn_attention", True))
     model, tokenizer = load(spec["backend"], model_path, spec["max_length"], precision, four_bit,
                             checkpointing=spec.get("checkpointing", "unsloth"))
     kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
@@ -158,16 +169,18 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
             marks["step_end"].append(now())
             tokens.append(state.num_input_tokens_seen)
 
-    rows = spec["batch"] * spec["accumulation"] * (steps + warmup)
+    total = warmup + steps + (2 if profile_dir else 0)  # profiled steps come after the measured ones
+    rows = spec["batch"] * spec["accumulation"] * total
     if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
         rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
     args = SFTConfig(output_dir=run_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                     max_steps=steps + warmup, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=2,
+                     max_steps=total, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=2,
                      optim="adamw_8bit", logging_steps=1, fp16=precision == "fp16", bf16=precision == "bf16",
                      packing=spec["packing"], max_length=spec["max_length"], save_strategy="no", report_to="none",
                      include_num_input_tokens_seen="non_padding", seed=3407, dataset_num_proc=1,
                      **({"padding_free": spec["padding_free"]} if "padding_free" in spec else {}))
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, callbacks=[Clock()],
+    callbacks = [Clock()] + ([profiled(model, warmup + steps, Path(profile_dir) / name)] if profile_dir else [])
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, callbacks=callbacks,
                          train_dataset=synthetic_dataset(rows, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
     if spec["backend"] == "hf" and precision == "fp16":
         trainable_to_fp32(trainer.model)
@@ -182,10 +195,10 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    measured = len(marks["step_end"]) - warmup
-    t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][-1]
-    n0, n1 = tokens[warmup - 1], tokens[-1]
-    optimizer_s = [b - a for a, b in zip(marks["pre_optimizer"][warmup:], marks["optimizer"][warmup:])]
+    measured, last = steps, warmup + steps - 1
+    t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][last]
+    n0, n1 = tokens[warmup - 1], tokens[last]
+    optimizer_s = [b - a for a, b in zip(marks["pre_optimizer"][warmup:last + 1], marks["optimizer"][warmup:last + 1])]
     tokens_per_s = (n1 - n0) / (t1 - t0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     peaks = peak_memory()
@@ -203,40 +216,139 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
                 "peak_gpu_reserved_gib"), "final_loss": losses[-1], "loss_finite": all(math.isfinite(x) for x in losses)}
 
 
-def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precision: str, four_bit: bool) -> dict:
-    """The longest single row that trains (forward + backward) under cap_gib, with unsloth's tiled MLP."""
+def profiled(model, first: int, out: Path):
+    """A trainer callback: torch.profiler over optimizer steps first+1 and first+2 (the model's forward marked
+    "model_forward"), written to OUT.json (profiled wall time and GPU kernel time per step) and two tables,
+    OUT-device.txt (ops by GPU time) and OUT-cpu.txt (by CPU time: forward, backward, optimizer)."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+    forward = model.forward
+
+    def marked_forward(*args, **kwargs):
+        with torch.profiler.record_function("model_forward"):
+            return forward(*args, **kwargs)
+
+    model.forward = marked_forward
+
+    def synchronized() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class Profiled(TrainerCallback):
+        profiler, started = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                                      if cuda else [])
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+                self.started = synchronized()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is None or state.global_step != first + 2:
+                return
+            wall = synchronized() - self.started
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{out}-device.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=45))
+            Path(f"{out}-cpu.txt").write_text(events.table(sort_by="cpu_time_total", row_limit=45))
+            Path(f"{out}.json").write_text(json.dumps({"wall_s_per_step": round(wall / 2, 4),
+                                                       "gpu_kernel_s_per_step": round(kernel_s / 2, 4),
+                                                       "gpu_busy": round(kernel_s / wall, 3)}))
+            self.profiler = None
+
+    return Profiled()
+
+
+LONGEST_MODES = {
+    # name: unsloth's tiled MLP (the MLP's activations computed in tiles), extra environment
+    "plain": (False, {}),
+    "tiled": (True, {}),
+    # unsloth's RMSNorm keeps its output for its backward, so the LoRA MLP does not write its input gradient into
+    # that tensor (which the tiled MLP's backward hands it as a view)
+    "tiled-saved-norm": (True, {"UNSLOTH_RMSNORM_SAVE_OUTPUT": "1"}),
+    # unsloth's tiled MLP with its backward replaced by tiled_mlp_backward (below): measures what the tiled MLP
+    # would give where unsloth's own backward fails
+    "tiled-patched": (True, {}),
+}
+
+
+def tiled_mlp_backward(ctx, grad_output, *args):
+    """unsloth_zoo's TiledMLP.backward (2026.10.9) without its views of the saved input made in no-grad mode: each
+    shard is recomputed from a copy of its rows (a leaf of its own) and its input gradient copied into place."""
+    import torch
+
+    x, = ctx.saved_tensors
+    hidden = x.shape[-1]
+    rows, grad_rows = x.reshape(-1, hidden), grad_output.reshape(-1, hidden)
+    x_grad = torch.empty_like(rows)
+    start = 0
+    for size in ctx.split_sizes:
+        shard = rows[start:start + size].detach().clone().unsqueeze(0).requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.mlp_forward(shard)
+        torch.autograd.backward(out, grad_rows[start:start + size].unsqueeze(0))
+        x_grad[start:start + size].copy_(shard.grad[0])
+        start += size
+    return None, None, x_grad.view_as(x), None, None, None
+
+
+def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precision: str, four_bit: bool, mode: str,
+                     out: Path) -> dict:
+    """The longest single row that trains (forward + backward) under cap_gib, lengths tried in order until one runs
+    out of memory or fails; the result is rewritten to out after every length (a timeout keeps what was found)."""
+    tiled, environment = LONGEST_MODES[mode]
+    os.environ.update(environment)
     import helpers.stack  # noqa: F401
     import torch
+
+    if mode == "tiled-patched":
+        from unsloth_zoo import tiled_mlp
+
+        tiled_mlp.TiledMLP.backward = staticmethod(tiled_mlp.torch_amp_custom_bwd(tiled_mlp_backward))
 
     from helpers.environment import cap_gpu_memory
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
-    model, _ = load("unsloth", model_path, max(lengths), precision, four_bit, tiled_mlp=True)
+    model, _ = load("unsloth", model_path, max(lengths), precision, four_bit, tiled_mlp=tiled)
     model.train()
     device, dtype = ("cuda", torch.float16 if precision == "fp16" else torch.bfloat16) if cuda else ("cpu", None)
-    fits: dict[int, float | None] = {}
+    result = {"job": f"longest:{mode}", "mode": mode, "cap_gib": cap_gib, "precision": precision, "tiled_mlp": tiled,
+              "environment": environment, "tried_peak_reserved_gib": {}, "seconds": {}, "longest_tokens": 0}
     for length in lengths:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         ids = torch.randint(10, 1000, (1, length), device=device)
         started = time.perf_counter()
+        loss = None
         try:
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
-            fits[length] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0.0
         except torch.OutOfMemoryError:
-            fits[length] = None
+            result["tried_peak_reserved_gib"][length] = None
+            break
+        except RuntimeError as error:  # not memory: a failure of this mode, said in the table
+            result["failure"] = f"{length} tokens: {type(error).__name__}: {str(error)[:400]}"
             break
         finally:
             loss = None
-        print(f"length {length}: {fits[length]} GiB reserved, {time.perf_counter() - started:.1f} s", flush=True)
-    ok = [n for n, gib in fits.items() if gib is not None]
-    return {"job": "longest", "cap_gib": cap_gib, "precision": precision, "tiled_mlp": True,
-            "tried_peak_reserved_gib": fits, "longest_tokens": max(ok) if ok else 0}
+        result["tried_peak_reserved_gib"][length] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0.0
+        result["seconds"][length] = round(time.perf_counter() - started, 1)
+        result["longest_tokens"] = length
+        out.write_text(json.dumps(result))
+        print(f"length {length}: {result['tried_peak_reserved_gib'][length]} GiB reserved, "
+              f"{result['seconds'][length]} s", flush=True)
+    return result
 
 
 def table(results: list[dict]) -> str:
@@ -253,8 +365,9 @@ def table(results: list[dict]) -> str:
                          f"{padding} | {r['mfu']:.1%} | {r['peak_reserved_gib']} | {r['loss_finite']} |")
     for r in results:
         if "longest_tokens" in r:
-            lines.append(f"\nlongest row under {r['cap_gib']} GiB ({r['precision']}, tiled MLP): "
-                         f"{r['longest_tokens']:,} tokens; {r['tried_peak_reserved_gib']}")
+            lines.append(f"\nlongest row under {r['cap_gib']} GiB ({r['precision']}, {r['mode']}): "
+                         f"{r['longest_tokens']:,} tokens; peak reserved GiB by length (None: out of memory) "
+                         f"{r['tried_peak_reserved_gib']}" + (f"; failed at {r['failure']}" if "failure" in r else ""))
         elif "error" in r:
             lines.append(f"\n{r['job']} failed:\n{r['error']}")
     return "\n".join(lines)
@@ -265,12 +378,18 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (the 8B shape: python -m helpers.local_models DIR "
                                         "--shape llama-8b)")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring")
     parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--cap-gib", type=float, default=15.0, help="GPU memory cap of every process (a T4's 15)")
     parser.add_argument("--longest", nargs="*", type=int, default=LONGEST, help="lengths to try; none to skip")
+    parser.add_argument("--longest-modes", nargs="+", default=["tiled-saved-norm"], choices=list(LONGEST_MODES),
+                        help="how the longest row is computed, each in its own process (see LONGEST_MODES)")
+    parser.add_argument("--profile", metavar="DIR", help="also profile two more steps of each configuration "
+                                                         "(torch.profiler tables into DIR)")
+    parser.add_argument("--job-timeout", type=float, default=None, help="seconds one process may take; a longest-row "
+                                                                        "search cut short keeps the lengths it ran")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, fp32, few steps: checks "
                                                              "the script end to end without a GPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -288,26 +407,34 @@ def main() -> None:
     if args.worker:
         kind, _, name = args.worker.partition(":")
         with tempfile.TemporaryDirectory() as run_dir:
-            result = (longest_sequence(args.model, args.cap_gib, args.longest, args.precision, not args.smoke)
+            result = (longest_sequence(args.model, args.cap_gib, args.longest, args.precision, not args.smoke, name,
+                                       Path(args.out))
                       if kind == "longest" else
                       worker(name, args.model, args.steps, args.warmup, args.precision, args.cap_gib, not args.smoke,
-                             run_dir))
+                             run_dir, args.profile))
         Path(args.out).write_text(json.dumps(result))
         return
     results = []
-    jobs = [f"config:{name}" for name in args.configs] + (["longest:"] if args.longest else [])
+    jobs = ([f"config:{name}" for name in args.configs]
+            + ([f"longest:{mode}" for mode in args.longest_modes] if args.longest else []))
     for job in jobs:
         started = time.perf_counter()
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            proc = subprocess.run([sys.executable, __file__, "--worker", job, "--model", args.model, "--out", out.name,
-                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
-                                   args.precision, "--cap-gib", str(args.cap_gib), "--longest", *map(str, args.longest),
-                                   *(["--smoke"] if args.smoke else [])],
-                                  env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                                                    os.environ.get("PYTHONPATH", "")])},
-                                  capture_output=True, text=True)
-            result = ({"job": job, "error": proc.stderr[-3000:]} if proc.returncode
-                      else json.loads(Path(out.name).read_text()))
+            command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--out", out.name,
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+                       "--cap-gib", str(args.cap_gib), "--longest", *map(str, args.longest),
+                       *(["--profile", args.profile] if args.profile else []), *(["--smoke"] if args.smoke else [])]
+            environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            try:
+                proc = subprocess.run(command, env=environment, capture_output=True, text=True,
+                                      timeout=args.job_timeout)
+                failed = proc.returncode and {"job": job, "error": proc.stderr[-3000:]}
+            except subprocess.TimeoutExpired:
+                failed = {"job": job, "error": f"stopped after {args.job_timeout:.0f} s (--job-timeout)"}
+            partial = Path(out.name).read_text()
+            result = json.loads(partial) if partial else failed
+            if failed and partial:
+                result["cut_short"] = failed["error"][-500:]
         result["process_s"] = round(time.perf_counter() - started, 1)
         results.append(result)
         Path(args.out).write_text(json.dumps(results, indent=2))
