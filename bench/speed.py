@@ -16,6 +16,7 @@ to stay finite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,21 +41,13 @@ CONFIGS = {
                       max_length=8192),  # opt-in: rows packed into long sequences (more rows per step)
     "hf-tutorial": dict(backend="hf", batch=2, accumulation=4, micro_batching="recipe", packing=False,
                         max_length=2048),  # plain transformers + peft + bitsandbytes, tutorial's settings
-    # Opt-in (--configs): what else the fast step spends. Padded micro-batches instead of padding-free, and
-    # gradient checkpointing kept on the GPU instead of unsloth's offloading to the CPU.
+    # Opt-in (--configs): the fast default without parts of it. Its micro-batches with the tutorial's computation
+    # (checkpoints offloaded to the CPU, SDPA's default kernel: cuDNN attention on an H100/H200), and padded
+    # micro-batches instead of padding-free.
+    "fast-offloaded": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                           max_length=2048, plan=dict(resident_checkpoints=False, flash_attention=False)),
     "fast-padded": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                         max_length=2048, padding_free=False),
-    "fast-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
-                            max_length=2048, checkpointing=True),
-    # SDPA without cuDNN attention (flash instead, where the GPU has it): on an H100/H200 cuDNN attention costs a
-    # plan per sequence length (unsloth pads lengths to buckets of 128 to bound them) and ~0.2 ms of CPU a call,
-    # and padding-free batches call it once per row and layer
-    "fast-flash": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
-                       max_length=2048, cudnn_attention=False),
-    "fast-flash-no-offload": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
-                                  max_length=2048, cudnn_attention=False, checkpointing=True),
-    "fast-padded-flash": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
-                              max_length=2048, padding_free=False, cudnn_attention=False),
 }
 DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
@@ -84,24 +77,33 @@ def synthetic_dataset(n: int, vocab: int, eos: int):
                                             for k in row_lengths(n)]})
 
 
-def load(backend: str, model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False,
-         checkpointing: bool | str = "unsloth"):
-    """Model with LoRA r=64 on the seven projections (4-bit base on the GPU) and its tokenizer."""
+def load_base(model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False):
+    """The base model through unsloth (4-bit on the GPU) and its tokenizer."""
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    if backend == "unsloth":
-        from helpers.stack import FastLanguageModel
+    from helpers.stack import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(model_path, max_seq_length=max_length, dtype=dtype,
-                                                             load_in_4bit=four_bit, unsloth_tiled_mlp=tiled_mlp)
-        model = FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
-                                                 use_gradient_checkpointing=checkpointing, random_state=3927,
-                                                 max_seq_length=max_length)
-        return model, tokenizer
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    return FastLanguageModel.from_pretrained(model_path, max_seq_length=max_length, dtype=dtype, load_in_4bit=four_bit,
+                                             unsloth_tiled_mlp=tiled_mlp)
+
+
+def add_lora(model, max_length: int, checkpointing: bool | str = "unsloth"):
+    """LoRA r=64 on the seven projections through unsloth, as the kit adds it (helpers.modeling.add_lora)."""
+    from helpers.stack import FastLanguageModel
+
+    return FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
+                                            use_gradient_checkpointing=checkpointing, random_state=3927,
+                                            max_seq_length=max_length)
+
+
+def load_hf(model_path: str, precision: str, four_bit: bool):
+    """Plain transformers + peft + bitsandbytes: the model with LoRA r=64 on the seven projections, its tokenizer."""
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     quant = None
     if four_bit:  # the 4-bit layers compute in the training precision, so no bf16 part is left under fp16
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -138,18 +140,28 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from helpers.batching import micro_batches
+    from helpers import batching
     from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory, peak_memory
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
-    torch.backends.cuda.enable_cudnn_sdp(spec.get("cudnn_attention", True))
-    model, tokenizer = load(spec["backend"], model_path, spec["max_length"], precision, four_bit,
-                            checkpointing=spec.get("checkpointing", "unsloth"))
-    kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
-                    micro_batching=spec["micro_batching"])
-    batch, accumulation = micro_batches(kit, spec["batch"], spec["accumulation"], model)
+    total = warmup + steps + (2 if profile_dir else 0)  # profiled steps come after the measured ones
+    rows = spec["batch"] * spec["accumulation"] * total
+    if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
+        rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
+    if spec["backend"] == "unsloth":  # as the kit does: the plan between the base model's load and LoRA
+        model, tokenizer = load_base(model_path, spec["max_length"], precision, four_bit)
+        kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib, lora_r=64,
+                        target_modules=MODULES, micro_batching=spec["micro_batching"])
+        computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,
+                                 min(spec["max_length"], max(row_lengths(rows))))
+        computed = dataclasses.replace(computed, **spec.get("plan", {}))
+        model = add_lora(model, spec["max_length"], computed.gradient_checkpointing)
+    else:
+        model, tokenizer = load_hf(model_path, precision, four_bit)
+        computed = batching.Plan(spec["batch"], spec["accumulation"])
+    batch, accumulation = computed.rows, computed.accumulation
     marks: dict[str, list[float]] = {"step_end": [], "pre_optimizer": [], "optimizer": []}
     tokens: list[int] = []
 
@@ -169,10 +181,6 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
             marks["step_end"].append(now())
             tokens.append(state.num_input_tokens_seen)
 
-    total = warmup + steps + (2 if profile_dir else 0)  # profiled steps come after the measured ones
-    rows = spec["batch"] * spec["accumulation"] * total
-    if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
-        rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
     args = SFTConfig(output_dir=run_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=total, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=2,
                      optim="adamw_8bit", logging_steps=1, fp16=precision == "fp16", bf16=precision == "bf16",
@@ -194,7 +202,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     trainer.data_collator = counting_collator
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    with batching.attention(computed):
+        trainer.train()
     measured, last = steps, warmup + steps - 1
     t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][last]
     n0, n1 = tokens[warmup - 1], tokens[last]
@@ -203,6 +212,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     peaks = peak_memory()
     return {"config": name, "backend": spec["backend"], "micro_batching": spec["micro_batching"],
+            "gradient_checkpointing": computed.record()["gradient_checkpointing"],
+            "attention": computed.record()["attention"],
             "recipe_batch": f"{spec['batch']} x {spec['accumulation']}", "micro_batch_rows": batch,
             "accumulation": accumulation, "packing": spec["packing"], "max_length": spec["max_length"],
             "padding_free": bool(getattr(trainer.args, "padding_free", False)),
@@ -317,7 +328,7 @@ def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precis
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
-    model, _ = load("unsloth", model_path, max(lengths), precision, four_bit, tiled_mlp=tiled)
+    model = add_lora(load_base(model_path, max(lengths), precision, four_bit, tiled_mlp=tiled)[0], max(lengths))
     model.train()
     device, dtype = ("cuda", torch.float16 if precision == "fp16" else torch.bfloat16) if cuda else ("cpu", None)
     result = {"job": f"longest:{mode}", "mode": mode, "cap_gib": cap_gib, "precision": precision, "tiled_mlp": tiled,
@@ -354,13 +365,14 @@ def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precis
 def table(results: list[dict]) -> str:
     """The results as a Markdown table (ratio to the tutorial's tokens/s), the longest row and any failures."""
     base = next((r["tokens_per_s"] for r in results if r.get("config") == "tutorial"), None)
-    lines = ["| configuration | micro-batch | tokens/s | x tutorial | s/step | optimizer s/step | tokens/step | "
-             "padding | MFU | peak reserved GiB | loss finite |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | micro-batch | checkpoints | attention | tokens/s | x tutorial | s/step | optimizer s/step | "
+             "tokens/step | padding | MFU | peak reserved GiB | loss finite |", "|---" * 13 + "|"]
     for r in results:
         if "tokens_per_s" in r:
             ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
             padding = "free" if r["padding_free"] else f"{r['padding_share']:.0%}"
-            lines.append(f"| {r['config']} | {r['micro_batch_rows']} x {r['accumulation']} | {r['tokens_per_s']:,.0f} | "
+            lines.append(f"| {r['config']} | {r['micro_batch_rows']} x {r['accumulation']} | "
+                         f"{r.get('gradient_checkpointing', '-')} | {r.get('attention', '-')} | {r['tokens_per_s']:,.0f} | "
                          f"{ratio} | {r['s_per_step']} | {r['optimizer_s_per_step']} | {r['tokens_per_step']:,} | "
                          f"{padding} | {r['mfu']:.1%} | {r['peak_reserved_gib']} | {r['loss_finite']} |")
     for r in results:

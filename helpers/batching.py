@@ -1,15 +1,26 @@
-"""How an optimizer step's rows are cut into micro-batches (`micro_batching`).
+"""How an optimizer step's rows are computed (`micro_batching`): in how many micro-batches, and on a GPU where the
+activations kept for the backward pass live and which attention kernel runs.
 
 The recipe fixes the rows per optimizer step (per_device_train_batch_size x gradient_accumulation_steps, 2 x 4 in
-the tutorial). `recipe` computes them as the recipe says; `auto` computes the same rows in fewer, larger
+the tutorial). `recipe` computes them as the tutorial does: its micro-batches, unsloth's gradient checkpointing
+offloading each layer's input to the CPU, SDPA's default kernel. `auto` computes the same rows in fewer, larger
 micro-batches where memory allows: as one micro-batch of 8 rows instead of 4 of 2. The optimization is the same:
 the sampler's row order does not depend on the micro-batch size, so a step sees the same rows in the same order,
 and transformers divides each micro-batch's summed token loss by the label tokens of the whole step
 (`num_items_in_batch`, which unsloth's loss honours), so the step's gradient is the mean over its tokens either
 way; only float rounding differs (tests/test_micro_batching.py measures it).
+
+On a GPU, `auto` also keeps the checkpointed layer inputs on the GPU where they fit (gradient checkpointing without
+the CPU offload: the same recomputation, without a copy out and back per layer) and runs attention without cuDNN's
+SDPA kernel (flash where the GPU has it: cuDNN attention builds a plan per sequence length and costs ~0.2 ms of CPU
+a call, and a padding-free micro-batch calls it once per row and layer). Both change where and how the same
+numbers are computed, not which; on a fast GPU a step of ~2,000 tokens is bound by what the CPU spends per call,
+which is what they cut (bench/speed.py measures each).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 
 log = logging.getLogger(__name__)
@@ -18,46 +29,97 @@ log = logging.getLogger(__name__)
 # (the activations of one decoder layer, recomputed under unsloth's offloaded gradient checkpointing). Measured on
 # the H200 for the 8B shape (4096 + 14336) in 4-bit with fp16 (bench/results-h200-2026-11-29.json): one row of
 # 8,192 tokens peaked at 7.95 GiB reserved, one of 32,768 at 14.47 GiB, i.e. 0.27 MiB a token; taken as 0.4 MiB
-# (1.5x) for margin. With rows x max_seq_length as the micro-batch's tokens (the worst case), the 8B recipe's 8 rows
-# of up to 2,048 tokens fit a T4's 15 GiB as one micro-batch.
+# (1.5x) for margin.
 BYTES_PER_TOKEN_AND_WIDTH = 0.4 * 2**20 / (4096 + 14336)
+# Kept on the GPU instead of offloaded, every layer's input stays for the backward pass: layers x hidden_size
+# values of 2 bytes (fp16/bf16) a token, with the same 1.5x margin.
+RESIDENT_MARGIN = 1.5
 # Gradient and optimizer state per trainable parameter, at most: an fp32 gradient and two fp32 Adam moments.
 BYTES_PER_TRAINABLE_PARAMETER = 12
 
 
-def micro_batch_rows(step_rows: int, recipe_rows: int, max_seq_length: int, token_budget: int | None) -> int:
-    """The largest divisor of step_rows whose micro-batch of max_seq_length-token rows fits token_budget (None: no
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one process computes its rows per optimizer step."""
+
+    rows: int  # rows per micro-batch (per_device_train_batch_size as it runs)
+    accumulation: int  # micro-batches per optimizer step
+    resident_checkpoints: bool = False  # checkpointed layer inputs kept on the GPU (else offloaded to the CPU)
+    flash_attention: bool = False  # SDPA without its cuDNN kernel during training
+
+    @property
+    def gradient_checkpointing(self) -> bool | str:
+        """use_gradient_checkpointing for unsloth: True keeps checkpoints on the GPU, "unsloth" offloads them."""
+        return True if self.resident_checkpoints else "unsloth"
+
+    def record(self) -> dict:
+        """What run.json's `distributed` says of it."""
+        return {"per_device_train_batch_size": self.rows, "gradient_accumulation_steps": self.accumulation,
+                "gradient_checkpointing": "on the GPU" if self.resident_checkpoints else "offloaded to the CPU",
+                "attention": "SDPA without cuDNN" if self.flash_attention else "SDPA"}
+
+
+def micro_batch_rows(step_rows: int, recipe_rows: int, row_tokens: int, token_budget: int | None) -> int:
+    """The largest divisor of step_rows whose micro-batch of row_tokens-token rows fits token_budget (None: no
     limit), and never fewer than the recipe's rows."""
     fitting = [rows for rows in range(1, step_rows + 1)
-               if step_rows % rows == 0 and (token_budget is None or rows * max_seq_length <= token_budget)]
+               if step_rows % rows == 0 and (token_budget is None or rows * row_tokens <= token_budget)]
     return max([recipe_rows, *fitting])
 
 
-def token_budget(model, max_gpu_memory_gib: float) -> int | None:
-    """How many tokens one micro-batch may hold on this GPU beside the loaded model with its adapter, their
-    gradients and optimizer state, under the memory cap (0: the whole card); None on the CPU (no limit)."""
+def lora_parameters(model, config) -> int:
+    """How many parameters LoRA adds to the model's target modules: r x (in + out) each."""
+    targets = set(config.target_modules)
+    return sum(config.lora_r * (module.in_features + module.out_features) for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"))
+
+
+def free_gpu_bytes(model, config) -> float | None:
+    """GPU memory left for activations beside the loaded model and its adapter's gradient and optimizer state,
+    under max_gpu_memory_gib (0: the whole card); None on the CPU (no limit)."""
     import torch
 
     from helpers.environment import gpu_total_gib
 
     if not torch.cuda.is_available():
         return None
-    cap = min(max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    free = cap - torch.cuda.memory_allocated() - trainable * BYTES_PER_TRAINABLE_PARAMETER
-    text_config = model.config.get_text_config()
-    per_token = BYTES_PER_TOKEN_AND_WIDTH * (text_config.hidden_size + text_config.intermediate_size)
-    return max(0, int(free / per_token))
+    cap = min(config.max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
+    return cap - torch.cuda.memory_allocated() - lora_parameters(model, config) * BYTES_PER_TRAINABLE_PARAMETER
 
 
-def micro_batches(config, per_device: int, accumulation: int, model) -> tuple[int, int]:
-    """(micro-batch rows, accumulation steps) computing one process's per_device x accumulation rows per optimizer
-    step as config.micro_batching asks."""
+def plan(config, per_device: int, accumulation: int, model, longest_row: int) -> Plan:
+    """How to compute one process's per_device x accumulation rows per optimizer step as config.micro_batching
+    asks, decided after the base model loads and before LoRA is added (the checkpointing mode goes with it).
+    longest_row: tokens of the longest training row (at most max_seq_length); a micro-batch of n rows is taken to
+    hold n of them, its worst case."""
     if config.micro_batching == "recipe":
-        return per_device, accumulation
+        return Plan(per_device, accumulation)
     step_rows = per_device * accumulation
-    budget = token_budget(model, config.max_gpu_memory_gib)
-    rows = micro_batch_rows(step_rows, per_device, config.max_seq_length, budget)
-    log.info("micro_batching='auto': %d rows per step as %d x %d (recipe %d x %d; token budget %s)", step_rows,
-             rows, step_rows // rows, per_device, accumulation, "none" if budget is None else f"{budget:,}")
-    return rows, step_rows // rows
+    free = free_gpu_bytes(model, config)
+    if free is None:  # the CPU: no memory limit, nothing offloaded, no cuDNN
+        rows = micro_batch_rows(step_rows, per_device, longest_row, None)
+        chosen = Plan(rows, step_rows // rows)
+    else:
+        text_config = model.config.get_text_config()
+        per_token = BYTES_PER_TOKEN_AND_WIDTH * (text_config.hidden_size + text_config.intermediate_size)
+        resident = RESIDENT_MARGIN * text_config.num_hidden_layers * text_config.hidden_size * 2
+        rows = micro_batch_rows(step_rows, per_device, longest_row, max(0, int(free / per_token)))
+        chosen = Plan(rows, step_rows // rows, resident_checkpoints=rows * longest_row * (per_token + resident) <= free,
+                      flash_attention=True)
+    log.info("micro_batching='auto': %d rows per step as %d x %d (recipe %d x %d; longest row %d tokens; "
+             "GPU memory free for activations %s): %s", step_rows, chosen.rows, chosen.accumulation, per_device,
+             accumulation, longest_row, "unlimited" if free is None else f"{free / 2**30:.1f} GiB", chosen.record())
+    return chosen
+
+
+@contextlib.contextmanager
+def attention(chosen: Plan):
+    """Training's attention kernels as the plan says: SDPA without cuDNN attention (flash, memory-efficient or
+    math, as SDPA picks among them) when flash_attention is set."""
+    if not chosen.flash_attention:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

@@ -238,6 +238,13 @@ def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
     return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
 
 
+def longest_row_tokens(train_set, tokenizer, config) -> int:
+    """Tokens of the longest row of a to_training_set dataset as training sees it (at most max_seq_length)."""
+    full = [p + c for p, c in zip(train_set["prompt"], train_set["completion"])]
+    longest = max(len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"])
+    return min(longest, config.max_seq_length)
+
+
 def to_preference_set(rows: list[dict[str, Any]], config, tokenizer):
     """The rows as a datasets.Dataset of `prompt`, `chosen` and `rejected` texts for trl's DPOTrainer: the prompt
     exactly as in SFT and at inference, each answer followed by one EOS. A row is long when prompt and its longer

@@ -36,8 +36,9 @@ def _with_eos(tokenizer, model_name: str):
     return tokenizer
 
 
-def add_lora(model, config):
-    """Wrap the model with trainable LoRA adapters on the configured modules."""
+def add_lora(model, config, gradient_checkpointing: bool | str = "unsloth"):
+    """Wrap the model with trainable LoRA adapters on the configured modules. gradient_checkpointing: "unsloth"
+    (the recipe's: checkpointed layer inputs offloaded to the CPU) or True (kept on the GPU; helpers.batching)."""
     return FastLanguageModel.get_peft_model(
         model,
         r=config.lora_r,
@@ -45,7 +46,7 @@ def add_lora(model, config):
         lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=gradient_checkpointing,
         random_state=config.lora_random_state,
         max_seq_length=config.max_seq_length,
     )

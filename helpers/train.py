@@ -59,21 +59,21 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None) ->
     train_set = data.to_training_set(train_rows, config, tokenizer)
     eval_set = data.to_training_set(eval_rows, config, tokenizer) if eval_rows else None
     model, tokenizer = modeling.load_base_model(config, precision)
-    model = modeling.add_lora(model, config)
-    per_device, accumulation = batching.micro_batches(config, per_device, accumulation, model)
-    run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
-                                     gradient_accumulation_steps=accumulation)
+    computed = batching.plan(config, per_device, accumulation, model,
+                             data.longest_row_tokens(train_set, tokenizer, config))
+    model = modeling.add_lora(model, config, computed.gradient_checkpointing)
+    run_config = dataclasses.replace(config, per_device_train_batch_size=computed.rows,
+                                     gradient_accumulation_steps=computed.accumulation)
     trainer = training.build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
-    metrics = training.train_and_record(trainer, model, tokenizer, config)
+    with batching.attention(computed):
+        metrics = training.train_and_record(trainer, model, tokenizer, config)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None:
         return None
-    update_run_record(config.run_dir, distributed={"num_processes": state.num_processes,
-                                                   "micro_batching": config.micro_batching,
-                                                   "per_device_train_batch_size": per_device,
-                                                   "gradient_accumulation_steps": accumulation,
-                                                   "global_batch": per_device * accumulation * state.num_processes,
-                                                   "peak_memory_per_process": peaks})
+    update_run_record(config.run_dir, distributed={
+        "num_processes": state.num_processes, "micro_batching": config.micro_batching, **computed.record(),
+        "global_batch": computed.rows * computed.accumulation * state.num_processes,
+        "peak_memory_per_process": peaks})
     return metrics
 
 

@@ -1,7 +1,7 @@
 """On a CUDA GPU, the T4 path on the 8B-shaped model: 4-bit load, fp16, the 15 GiB cap, and the fast default
 (micro_batching="auto") training the recipe step for step. The model directory comes from KIT_GPU_MODEL
 (`python -m helpers.local_models DIR --shape llama-8b` builds the random-init 8B shape); KIT_GPU_REPORT, when set,
-names a JSON file that receives the measured differences. About 2-3 minutes on an H200 (one model load, 2 x 20 steps).
+names a JSON file that receives the measured differences. About 2-3 minutes on an H200 (2 x (a model load, 20 steps)).
 
     KIT_GPU_MODEL=/dev/shm/llama8b python -m pytest -m gpu
 """
@@ -23,16 +23,16 @@ pytestmark = [pytest.mark.gpu,
 
 CAP_GIB = 15.0  # a Colab T4
 STEPS = 20
-# fp16 with fp32 accumulation, the same rows and weights, only the micro-batch shape differs: the first step's loss
-# and grad norm differ by kernel rounding alone; over 20 steps the 8-bit Adam updates may add a little.
+# fp16 with fp32 accumulation, the same rows and weights; the micro-batch shape, where checkpoints live and the
+# attention kernel differ: the first step's loss and grad norm differ by kernel rounding alone; over 20 steps the 8-bit Adam updates may add a little.
 # Chosen before measuring on the GPU (the run writes the measured maxima to KIT_GPU_REPORT).
 FIRST_STEP_TOLERANCE = {"loss": 1e-3, "grad_norm": 1e-2}
 TOLERANCE = {"loss": 2e-3, "grad_norm": 3e-2}
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    """The colab_t4 recipe on the 8B-shaped model: 4-bit, fp16, capped at 15 GiB; model, tokenizer, rows, config."""
+def prepared(tmp_path_factory):
+    """The colab_t4 recipe on the 8B-shaped model: 4-bit, fp16, capped at 15 GiB; config, rows, longest row."""
     from helpers import data, modeling
     from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory
@@ -45,46 +45,51 @@ def loaded(tmp_path_factory):
     cap_gpu_memory(CAP_GIB)
     tokenizer = modeling.load_tokenizer(config)
     train_set = data.to_training_set(data.load_checked_rows(config), config, tokenizer)
-    model, tokenizer = modeling.load_base_model(config, "fp16")
-    model = modeling.add_lora(model, config)
-    return model, tokenizer, train_set, config
+    return config, train_set, data.longest_row_tokens(train_set, tokenizer, config)
 
 
 @pytest.fixture(scope="module")
-def runs(loaded):
-    """20 steps with micro_batching 'recipe' and then 'auto', each from the same initial adapter and seed."""
-    from helpers import batching, training
+def runs(prepared):
+    """20 steps with micro_batching 'recipe' and then 'auto', each on a fresh load of the model (the plan picks the
+    gradient checkpointing mode before LoRA is added), from the same initial adapter and seed."""
+    import bitsandbytes as bnb
+
+    from helpers import batching, modeling, training
     from helpers.records import training_log
 
-    model, tokenizer, train_set, config = loaded
-    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    # Each mode's micro-batches decided as training decides them: right after the model and adapter load, before
-    # any run has left gradients on the GPU.
-    shapes = {mode: batching.micro_batches(dataclasses.replace(config, micro_batching=mode), 2, 4, model)
-              for mode in ("recipe", "auto")}
-    results = {}
+    config, train_set, longest = prepared
+    initial, results = None, {}
     for mode in ("recipe", "auto"):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in initial:
+        mode_config = dataclasses.replace(config, micro_batching=mode)
+        model, tokenizer = modeling.load_base_model(mode_config, "fp16")
+        loaded = {"four_bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+                  "allocated_gib": torch.cuda.memory_allocated() / 2**30}
+        computed = batching.plan(mode_config, 2, 4, model, longest)
+        model = modeling.add_lora(model, mode_config, computed.gradient_checkpointing)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if initial is None:
+            initial = {name: p.detach().clone() for name, p in trainable.items()}
+        else:
+            with torch.no_grad():
+                for name, p in trainable.items():
                     p.copy_(initial[name])
-        rows, accumulation = shapes[mode]
-        run_config = dataclasses.replace(config, micro_batching=mode, per_device_train_batch_size=rows,
-                                         gradient_accumulation_steps=accumulation)
+        run_config = dataclasses.replace(mode_config, per_device_train_batch_size=computed.rows,
+                                         gradient_accumulation_steps=computed.accumulation)
         trainer = training.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-        results[mode] = {"shape": (rows, accumulation), "log": training_log(trainer.state.log_history),
+        with batching.attention(computed):
+            trainer.train()
+        results[mode] = {"plan": computed, "loaded": loaded, "log": training_log(trainer.state.log_history),
                          "fp16": trainer.args.fp16, "scaler": trainer.accelerator.scaler is not None,
                          "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-        del trainer
+        del trainer, model, trainable
         gc.collect()
         torch.cuda.empty_cache()
     differences = {column: [abs(b[column] - a[column]) / abs(a[column])
                             for a, b in zip(results["recipe"]["log"], results["auto"]["log"])
                             if math.isfinite(a[column]) and math.isfinite(b[column])]
                    for column in ("loss", "grad_norm")}
-    report = {"steps": STEPS, "shapes": {m: r["shape"] for m, r in results.items()},
+    report = {"steps": STEPS, "longest_row": longest, "plans": {m: r["plan"].record() for m, r in results.items()},
               "peak_reserved_gib": {m: round(r["peak_reserved_gib"], 2) for m, r in results.items()},
               "max_relative_difference": {c: max(d, default=None) for c, d in differences.items()},
               "first_step_relative_difference": {c: d[0] if d else None for c, d in differences.items()},
@@ -93,23 +98,22 @@ def runs(loaded):
     if os.environ.get("KIT_GPU_REPORT"):
         with open(os.environ["KIT_GPU_REPORT"], "w") as handle:
             json.dump(report, handle, indent=2)
-    print(json.dumps({k: report[k] for k in ("shapes", "peak_reserved_gib", "max_relative_difference",
+    print(json.dumps({k: report[k] for k in ("plans", "peak_reserved_gib", "max_relative_difference",
                                              "first_step_relative_difference")}))
     return results
 
 
-def test_the_base_model_loads_in_4bit(loaded):
-    import bitsandbytes as bnb
-
-    model = loaded[0]
-    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(four_bit) >= 32 * 7  # every projection of the 32 layers
-    assert torch.cuda.memory_allocated() / 2**30 < 8  # 8B parameters in 4 bits, not 16
+def test_the_base_model_loads_in_4bit(runs):
+    for run in runs.values():
+        assert run["loaded"]["four_bit_layers"] >= 32 * 7  # every projection of the 32 layers
+        assert run["loaded"]["allocated_gib"] < 8  # 8B parameters in 4 bits, not 16
 
 
-def test_auto_computes_the_step_as_one_micro_batch_under_the_cap(runs):
-    assert runs["recipe"]["shape"] == (2, 4)
-    assert runs["auto"]["shape"] == (8, 1)
+def test_auto_computes_the_step_as_one_micro_batch_on_the_gpu_under_the_cap(runs):
+    from helpers.batching import Plan
+
+    assert runs["recipe"]["plan"] == Plan(2, 4, resident_checkpoints=False, flash_attention=False)
+    assert runs["auto"]["plan"] == Plan(8, 1, resident_checkpoints=True, flash_attention=True)
 
 
 def test_auto_trains_the_recipe_step_for_step_in_fp16(runs):
