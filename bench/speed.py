@@ -48,6 +48,10 @@ CONFIGS = {
                            max_length=2048, plan=dict(resident_checkpoints=False, flash_attention=False)),
     "fast-padded": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                         max_length=2048, padding_free=False),
+    # the fast default with cuDNN attention switched off for the whole process, before the model loads, instead of
+    # around training alone
+    "fast-no-cudnn-at-load": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                                  max_length=2048, no_cudnn_at_load=True),
 }
 DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
@@ -150,6 +154,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     rows = spec["batch"] * spec["accumulation"] * total
     if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
         rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
+    if spec.get("no_cudnn_at_load"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if spec["backend"] == "unsloth":  # as the kit does: the plan between the base model's load and LoRA
         model, tokenizer = load_base(model_path, spec["max_length"], precision, four_bit)
         kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib, lora_r=64,
