@@ -18,17 +18,19 @@ from helpers.environment import (
     reset_peak_memory,
     resolve_precision,
 )
-from helpers.monitoring import LiveLossPlot, StepClock
-from helpers.records import PREFERENCE_COLUMNS, staged_folder, training_log, update_run_record, write_train_log
-from helpers.reliability import (
-    StopOnNonFiniteLoss,
-    check_model_source,
+from helpers.modeling import check_model_source
+from helpers.monitoring import LiveLossPlot, StepClock, StopOnNonFiniteLoss
+from helpers.records import (
+    PREFERENCE_COLUMNS,
     check_run_dir,
     checkpoint_tokens,
     discard_replaced_run,
     latest_checkpoint,
-    out_of_memory_advice,
     restore_replaced_run,
+    staged_folder,
+    training_log,
+    update_run_record,
+    write_train_log,
 )
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,16 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> Path:
         model.save_pretrained(folder, selected_adapters=["default"])
         tokenizer.save_pretrained(folder)
     return adapter_dir
+
+
+def out_of_memory_advice(config) -> str:
+    """What to lower after a CUDA out-of-memory error, with the current values."""
+    return (f"CUDA ran out of memory. Set micro_batching='recipe' (now {config.micro_batching!r}) to compute each "
+            "step in the recipe's smaller micro-batches, or "
+            f"lower per_device_train_batch_size (now {config.per_device_train_batch_size}) "
+            f"and raise gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to keep the batch, "
+            f"or lower max_seq_length (now {config.max_seq_length}) or lora_r (now {config.lora_r}); keep "
+            f"load_in_4bit=True (now {config.load_in_4bit}). Checkpoints so far are kept; resume='auto' continues.")
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

@@ -12,18 +12,17 @@ from pathlib import Path
 import pytest
 
 from helpers.config import RunConfig
-from helpers.records import read_train_log
-from helpers.reliability import (
-    NonFiniteLossError,
+from helpers.modeling import check_model_source
+from helpers.monitoring import NonFiniteLossError, StopOnNonFiniteLoss
+from helpers.records import (
     RunExistsError,
-    StopOnNonFiniteLoss,
-    check_model_source,
     check_run_dir,
     discard_replaced_run,
     latest_checkpoint,
-    out_of_memory_advice,
+    read_train_log,
     restore_replaced_run,
 )
+from helpers.training import out_of_memory_advice
 
 
 def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
