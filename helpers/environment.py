@@ -154,7 +154,7 @@ def use_project_root() -> Path:
     return Path.cwd()
 
 
-def report_markdown(report: dict) -> str:
+def environment_markdown(report: dict) -> str:
     """The environment report as a two-column Markdown table."""
     rows = []
     for key, value in report.items():
