@@ -18,10 +18,11 @@ from typing import Any
 
 from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, load_plan
 from helpers.config import RunConfig
-from helpers.environment import PROJECT_ROOT, mount_drive_if_needed
+from helpers.environment import mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
-from helpers.pipeline import NOTEBOOKS, load_profile, notebook_parameter_names, run_notebook, use_offline_hub_when_local
+from helpers.pipeline import notebook_parameter_names, run_notebook, use_offline_hub_when_local
 from helpers.plotting import moving_average
+from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile
 from helpers.records import atomic_write_text, read_json, read_train_log, save_figure, write_json
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__

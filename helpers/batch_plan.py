@@ -14,10 +14,8 @@ import yaml
 
 from helpers.config import RunConfig
 from helpers.data import is_local_dataset
-from helpers.environment import PROJECT_ROOT
-from helpers.pipeline import NOTEBOOKS, load_profile
+from helpers.project import NOTEBOOKS, PLANS, PROJECT_ROOT, load_profile
 
-PLANS = NOTEBOOKS / "plans"
 PLAN_KEYS = ("name", "profile", "notebooks", "fixed", "grid", "points", "output_dir")
 TRAIN = "01_train_lora"
 # Short names for run_dir names; other parameters keep their own name.

@@ -7,38 +7,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from helpers.config import RunConfig
 from helpers.data import is_local_dataset
-from helpers.environment import PROJECT_ROOT
 from helpers.local_models import local_model_builder
+from helpers.project import (
+    NOTEBOOKS,
+    PROJECT_ROOT,
+    add_profile_arguments,
+    default_profile,
+    load_profile,
+    overrides_from,
+)
 
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-PROFILES = NOTEBOOKS / "params"
 PIPELINE = ("00_setup", "01_train_lora", "02_inference", "03_evaluate")
-
-
-def profile_names() -> list[str]:
-    """The profiles shipped in notebooks/params."""
-    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
-
-
-def load_profile(name: str) -> dict[str, Any]:
-    """A profile's parameters, checked against the config (unknown names and bad values are errors)."""
-    path = PROFILES / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"profile {name!r} is unknown; choose one of: {', '.join(profile_names())}")
-    params = yaml.safe_load(path.read_text()) or {}
-    RunConfig.from_dict(params)
-    return params
-
-
-def default_profile() -> str:
-    """colab_t4 where a CUDA GPU is present, else the offline cpu_tiny profile."""
-    import torch
-
-    return "colab_t4" if torch.cuda.is_available() else "cpu_tiny"
 
 
 def notebook_parameter_names(notebook: Path) -> set[str]:
@@ -87,23 +68,6 @@ def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
         run_notebook(name, params, run_dir)
         print(f"{name}: {time.perf_counter() - started:.0f} s")
     return run_dir
-
-
-def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """--profile and -p NAME VALUE, shared by the pipeline runner and the training entry point."""
-    parser.add_argument("--profile", help=f"one of {profile_names()}; default: colab_t4 with a GPU, else cpu_tiny")
-    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "YAML_VALUE"),
-                        help="override one parameter, e.g. -p max_steps 30")
-
-
-def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The -p NAME VALUE overrides, values parsed as YAML."""
-    return {name: yaml.safe_load(value) for name, value in args.param}
-
-
-def profile_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen profile's parameters with the -p overrides on top."""
-    return {**load_profile(args.profile or default_profile()), **overrides_from(args)}
 
 
 def main(argv: list[str] | None = None) -> None:

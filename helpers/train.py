@@ -100,7 +100,7 @@ def train(config: RunConfig, rows: list[dict[str, Any]] | None = None) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from helpers.pipeline import add_profile_arguments, profile_parameters
+    from helpers.project import add_profile_arguments, profile_parameters
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_profile_arguments(parser)

@@ -15,8 +15,8 @@ import yaml
 from helpers import environment
 from helpers.colab import BOOTSTRAP_CELL, KIT_REPO, badges_markdown, colab_url, github_path
 from helpers.config import RunConfig, notebook_config
-from helpers.environment import PROJECT_ROOT
-from helpers.pipeline import NOTEBOOKS, PROFILES, notebook_parameter_names, run_notebook
+from helpers.pipeline import notebook_parameter_names, run_notebook
+from helpers.project import NOTEBOOKS, PROFILES, PROJECT_ROOT
 from helpers.records import read_json
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))

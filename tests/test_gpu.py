@@ -36,7 +36,7 @@ def loaded(tmp_path_factory):
     from helpers import data, modeling
     from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory
-    from helpers.pipeline import load_profile
+    from helpers.project import load_profile
 
     config = RunConfig.from_dict({**load_profile("colab_t4"), "model_name": os.environ["KIT_GPU_MODEL"],
                                   "dataset": str(data.SAMPLE_DATASET), "precision": "fp16",

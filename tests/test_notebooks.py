@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers.config import DEFAULT_PROMPTS, RunConfig
-from helpers.pipeline import PROFILES, run_notebook
+from helpers.pipeline import run_notebook
+from helpers.project import PROFILES
 from helpers.records import read_json, read_train_log
 
 pytestmark = pytest.mark.notebook
