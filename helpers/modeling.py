@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from helpers.stack import FastLanguageModel
+from helpers.data import is_local_path
 from helpers.environment import cap_gpu_memory, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -14,8 +15,7 @@ log = logging.getLogger(__name__)
 
 def check_model_source(model_name: str) -> None:
     """A local model path must exist; a Hub id must be cached when the Hub is offline."""
-    looks_local = model_name.startswith(("/", "./", "../", "~", "outputs/")) or Path(model_name).exists()
-    if looks_local:
+    if is_local_path(model_name):
         if not Path(model_name).expanduser().is_dir():
             raise FileNotFoundError(f"model_name {model_name!r} is a local path that does not exist "
                                     "(for the offline tiny model, run 00_setup first)")

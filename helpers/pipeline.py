@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.config import RunConfig
-from helpers.data import is_local_dataset
-from helpers.local_models import local_model_builder
+from helpers.data import is_local_path
 from helpers.project import (
     NOTEBOOKS,
     PROJECT_ROOT,
@@ -51,8 +50,7 @@ def run_notebook(name: str, params: dict[str, Any], out_dir: Path, progress_bar:
 
 def use_offline_hub_when_local(configs: list[RunConfig]) -> None:
     """Set HF_HUB_OFFLINE when every config's model and data are local: never wait on the network."""
-    if all((local_model_builder(c.model_name) is not None or (PROJECT_ROOT / c.model_name).exists())
-           and is_local_dataset(c.dataset) for c in configs):
+    if all(is_local_path(c.model_name, PROJECT_ROOT) and is_local_path(c.dataset, PROJECT_ROOT) for c in configs):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
