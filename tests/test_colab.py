@@ -119,13 +119,13 @@ def test_an_empty_run_dir_goes_to_drive_on_colab_and_to_outputs_elsewhere(monkey
 
 
 def test_drive_is_mounted_before_the_finished_run_guard_looks(monkeypatch, tmp_path):
-    import helpers.training as training
+    import helpers.fine_tuning as fine_tuning
 
     calls = []
-    monkeypatch.setattr(training, "check_model_source", lambda name: None)
-    monkeypatch.setattr(training, "mount_drive_if_needed", lambda run_dir: calls.append("mount"))
-    monkeypatch.setattr(training, "check_run_dir", lambda config: calls.append("guard"))
-    training.prepare_run(RunConfig(run_dir=str(tmp_path / "run"), precision="fp32"))
+    monkeypatch.setattr(fine_tuning, "check_model_source", lambda name: None)
+    monkeypatch.setattr(fine_tuning, "mount_drive_if_needed", lambda run_dir: calls.append("mount"))
+    monkeypatch.setattr(fine_tuning, "check_run_dir", lambda config: calls.append("guard"))
+    fine_tuning.prepare_run(RunConfig(run_dir=str(tmp_path / "run"), precision="fp32"))
     assert calls == ["mount", "guard"]
 
 

@@ -53,7 +53,7 @@ def loaded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(loaded):
     """20 steps with micro_batching 'recipe' and then 'auto', each from the same initial adapter and seed."""
-    from helpers import batching, training
+    from helpers import batching, trainers
     from helpers.records import training_log
 
     model, tokenizer, train_set, config = loaded
@@ -71,7 +71,7 @@ def runs(loaded):
         rows, accumulation = shapes[mode]
         run_config = dataclasses.replace(config, micro_batching=mode, per_device_train_batch_size=rows,
                                          gradient_accumulation_steps=accumulation)
-        trainer = training.build_trainer(model, tokenizer, train_set, run_config, "fp16")
+        trainer = trainers.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
         results[mode] = {"shape": (rows, accumulation), "log": training_log(trainer.state.log_history),

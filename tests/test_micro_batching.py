@@ -28,7 +28,7 @@ def _train(tmp_path, micro_batching):
     from helpers.data import SAMPLE_DATASET
     from helpers.local_models import build_tiny_model
     from helpers.project import load_profile
-    from helpers.train import run_training
+    from helpers.fine_tuning import run_training
 
     model = build_tiny_model(tmp_path / "model")
     run_dir = tmp_path / micro_batching

@@ -1,25 +1,35 @@
-"""Supervised fine-tuning with trl's SFTTrainer, and what a run records about itself."""
+"""One run in this process, SFT or DPO, top to bottom: guard the run, then rows, model, trainer, and the record
+(train_log.csv, the adapter, run.json's metrics); resumed from the newest complete checkpoint, with advice after
+an out-of-memory error.
+
+The global batch is what the config asks for on one process (per_device_train_batch_size x
+gradient_accumulation_steps); with N processes (SFT under `accelerate launch`) the accumulation is divided by N so
+that it stays the same. Each process then computes its rows per step as micro_batching asks (helpers.batching): in
+the recipe's micro-batches, or in fewer, larger ones where memory allows. run.json's `distributed` records what
+ran. Only the main process writes run.json, split.json, the log and the adapter.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import helpers.stack  # noqa: F401  (unsloth before trl)
+import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
+from helpers import batching, data, modeling, preference, trainers
+from helpers.config import RunConfig
 from helpers.environment import (
+    cap_gpu_memory,
     device_report,
     environment_report,
-    is_interactive,
-    cap_gpu_memory,
     mount_drive_if_needed,
     peak_memory,
     reset_peak_memory,
     resolve_precision,
 )
 from helpers.modeling import check_model_source
-from helpers.monitoring import LiveLossPlot, StepClock, StopOnNonFiniteLoss
+from helpers.monitoring import StepClock
 from helpers.records import (
     PREFERENCE_COLUMNS,
     check_run_dir,
@@ -36,62 +46,63 @@ from helpers.records import (
 log = logging.getLogger(__name__)
 
 
-def trainer_arguments(config, precision: str, with_eval: bool = False) -> dict[str, Any]:
-    """The recipe's hyperparameters as TrainingArguments keywords, shared by SFT and DPO; precision from the
-    hardware; checkpoints in run_dir/checkpoints."""
-    return dict(
-        output_dir=str(Path(config.run_dir) / "checkpoints"),
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_steps,
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        num_train_epochs=config.num_train_epochs,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        optim=config.optim,
-        weight_decay=config.weight_decay,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
-        logging_steps=config.logging_steps,
-        seed=config.seed,
-        data_seed=config.seed,
-        eval_strategy="steps" if with_eval else "no",
-        eval_steps=config.eval_steps,
-        per_device_eval_batch_size=config.per_device_train_batch_size,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=config.report_to,
-        include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=1,
-    )
+def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
+                 dpo: bool = False) -> dict[str, Any] | None:
+    """SFT (or DPO, with dpo) in this process (one of N under accelerate): guard the run, then rows,
+    model, trainer, record. `rows` are the checked dataset rows when the caller has them already. Returns the
+    metrics on the main process, None on the others."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
+                                                  config.gradient_accumulation_steps, state.num_processes)
+    rows = data.load_checked_rows(config, preference=dpo) if rows is None else rows
+    with state.main_process_first():  # the main process checks run_dir and writes run.json and split.json first
+        precision = prepare_run(config, main_process=state.is_main_process)
+        if dpo and config.sft_run_dir:  # as the SFT run split them: its held-out rows stay unseen
+            train_rows, eval_rows = data.reuse_split(rows, config, config.sft_run_dir)
+        else:
+            train_rows, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
+    tokenizer = modeling.load_tokenizer(config)
+    to_dataset = data.to_preference_set if dpo else data.to_training_set
+    train_set = to_dataset(train_rows, config, tokenizer)
+    eval_set = to_dataset(eval_rows, config, tokenizer) if eval_rows else None
+    if dpo:
+        model, tokenizer = preference.load_policy(config, precision)
+    else:
+        model, tokenizer = modeling.load_base_model(config, precision)
+        model = modeling.add_lora(model, config)
+        per_device, accumulation = batching.micro_batches(config, per_device, accumulation, model)
+    run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
+                                     gradient_accumulation_steps=accumulation)
+    build_trainer = preference.build_trainer if dpo else trainers.build_trainer
+    trainer = build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
+    if dpo:
+        update_run_record(config.run_dir, stage="dpo", reference=preference.reference_in_use(trainer))
+    metrics = train_and_record(trainer, model, tokenizer, config)
+    peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
+    if metrics is None or dpo:
+        return metrics
+    update_run_record(config.run_dir, distributed={"num_processes": state.num_processes,
+                                                   "micro_batching": config.micro_batching,
+                                                   "per_device_train_batch_size": per_device,
+                                                   "gradient_accumulation_steps": accumulation,
+                                                   "global_batch": per_device * accumulation * state.num_processes,
+                                                   "peak_memory_per_process": peaks})
+    return metrics
 
 
-def sft_config(config, precision: str, with_eval: bool = False):
-    """trl's SFTConfig for the run: the shared recipe, the sequence length, packing and where the loss goes."""
-    from trl import SFTConfig
-
-    return SFTConfig(**trainer_arguments(config, precision, with_eval), max_length=config.max_seq_length,
-                     completion_only_loss=config.train_on_responses_only, packing=config.packing)
-
-
-def watchers(config) -> list:
-    """What watches every run, SFT or DPO: the live loss plot and the loss guard as Trainer callbacks; with
-    report_to, the tracker's files placed in run_dir."""
-    if config.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
-    if config.report_to == "wandb":
-        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
-    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock()]
-
-
-def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
-    """An SFTTrainer over the formatted rows (`prompt` and `completion` columns), watched by the live plot and
-    the loss guard; with an eval_set, the held-out loss is logged every eval_steps."""
-    from trl import SFTTrainer
-
-    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
-                      args=sft_config(config, precision, with_eval=eval_set is not None), callbacks=watchers(config))
+def split_global_batch(per_device: int, accumulation: int, processes: int) -> tuple[int, int]:
+    """(per-device batch, accumulation) on `processes` processes keeping the one-process global batch."""
+    global_batch = per_device * accumulation
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if global_batch % (per_device * processes):
+        raise ValueError(f"the global batch {global_batch} (per_device_train_batch_size {per_device} x "
+                         f"gradient_accumulation_steps {accumulation}) does not split evenly over {processes} "
+                         f"processes; choose an accumulation divisible by {processes}")
+    return per_device, global_batch // (per_device * processes)
 
 
 def prepare_run(config, main_process: bool = True) -> str:
@@ -200,13 +211,3 @@ def out_of_memory_advice(config) -> str:
             f"and raise gradient_accumulation_steps (now {config.gradient_accumulation_steps}) to keep the batch, "
             f"or lower max_seq_length (now {config.max_seq_length}) or lora_r (now {config.lora_r}); keep "
             f"load_in_4bit=True (now {config.load_in_4bit}). Checkpoints so far are kept; resume='auto' continues.")
-
-
-def summary_line(metrics: dict[str, Any]) -> str:
-    """One human line about a finished run."""
-    gpu = metrics.get("peak_gpu_reserved_gib")
-    memory = (f"peak GPU memory {gpu} of {metrics['gpu_total_gib']} GiB reserved" if gpu is not None
-              else f"peak RSS {metrics['peak_rss_gib']} GiB")
-    return (f"{metrics['steps']} steps in {metrics['train_runtime_s']} s, {metrics['trained_tokens']} tokens "
-            f"({metrics['tokens_per_s']} tokens/s), loss {metrics['first_loss']} -> {metrics['final_loss']}, {memory}")
-
