@@ -16,6 +16,7 @@ from helpers.project import (
     default_profile,
     load_profile,
     overrides_from,
+    refused_as_usage_error,
 )
 
 PIPELINE = ("00_setup", "01_train_lora", "02_inference", "03_evaluate")
@@ -69,14 +70,17 @@ def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers.pipeline", description=__doc__)
     add_profile_arguments(parser)
     parser.add_argument("--notebooks", nargs="+", default=list(PIPELINE), metavar="NAME",
                         choices=sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")),
                         help=f"which notebooks to run, in order (default: {' '.join(PIPELINE)})")
     args = parser.parse_args(argv)
+    with refused_as_usage_error(parser):
+        profile, overrides = args.profile or default_profile(), overrides_from(args)
+        RunConfig.from_dict({**load_profile(profile), **overrides})
     started = time.perf_counter()
-    run_dir = run_pipeline(args.profile or default_profile(), overrides_from(args), tuple(args.notebooks))
+    run_dir = run_pipeline(profile, overrides, tuple(args.notebooks))
     rel = run_dir.relative_to(PROJECT_ROOT) if run_dir.is_relative_to(PROJECT_ROOT) else run_dir
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Outputs in {rel}/:")
     for path in sorted(run_dir.iterdir()):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,25 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The -p NAME VALUE overrides, values parsed as YAML."""
     import yaml
 
-    return {name: yaml.safe_load(value) for name, value in args.param}
+    overrides = {}
+    for name, value in args.param:
+        try:
+            overrides[name] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"-p {name} {value!r} is not a YAML value ({error.problem})") from None
+    return overrides
 
 
 def profile_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The chosen profile's parameters with the -p overrides on top."""
     return {**load_profile(args.profile or default_profile()), **overrides_from(args)}
+
+
+@contextlib.contextmanager
+def refused_as_usage_error(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A bad profile, plan or parameter raised inside ends the command as argparse ends it on bad arguments: one
+    `error:` line on stderr and exit status 2, not a traceback (notebooks keep the exception)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -19,7 +19,7 @@ from typing import Any
 
 from helpers import plotting
 from helpers.config import RunConfig
-from helpers.project import add_profile_arguments, profile_parameters
+from helpers.project import add_profile_arguments, profile_parameters, refused_as_usage_error
 from helpers.records import read_json
 
 
@@ -59,12 +59,14 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_profile_arguments(parser)
     parser.add_argument("--parameters", type=Path, help="a JSON file of every parameter (instead of a profile)")
     args = parser.parse_args(argv)
-    params = json.loads(args.parameters.read_text()) if args.parameters else profile_parameters(args)
-    config = RunConfig.from_dict(params)
+    with refused_as_usage_error(parser):
+        params = json.loads(args.parameters.read_text()) if args.parameters else profile_parameters(args)
+        config = RunConfig.from_dict(params)
     from helpers.fine_tuning import run_training  # once the parameters are good: it loads unsloth and torch
 
     metrics = run_training(config)
