@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
                  dpo: bool = False) -> dict[str, Any] | None:
-    """SFT (or DPO, with dpo) in this process (one of N under accelerate): guard the run, then rows,
-    model, trainer, record. `rows` are the checked dataset rows when the caller has them already. Returns the
-    metrics on the main process, None on the others."""
+    """SFT (or DPO, with dpo) in this process (one of N under accelerate), top to bottom: guard the run, then rows,
+    model, trainer, record. `rows` are the checked dataset rows when the caller has them already (else they are
+    loaded and checked first, before anything is written). Returns the metrics on the main process, None on the
+    others."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -58,28 +59,33 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
                                                   config.gradient_accumulation_steps, state.num_processes)
     rows = data.load_checked_rows(config, preference=dpo) if rows is None else rows
-    with state.main_process_first():  # the main process checks run_dir and writes run.json and split.json first
+    # Guard the run, and hold rows out; the main process checks run_dir and writes run.json and split.json first.
+    with state.main_process_first():
         precision = prepare_run(config, main_process=state.is_main_process)
         if dpo and config.sft_run_dir:  # as the SFT run split them: its held-out rows stay unseen
             train_rows, eval_rows = data.reuse_split(rows, config, config.sft_run_dir)
         else:
             train_rows, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
+    # Rows, formatted as the trainer takes them.
     tokenizer = modeling.load_tokenizer(config)
     to_dataset = data.to_preference_set if dpo else data.to_training_set
     train_set = to_dataset(train_rows, config, tokenizer)
     eval_set = to_dataset(eval_rows, config, tokenizer) if eval_rows else None
+    # Model: DPO's policy, or the base model with a fresh adapter and the step's rows cut into micro-batches.
     if dpo:
         model, tokenizer = preference.load_policy(config, precision)
     else:
         model, tokenizer = modeling.load_base_model(config, precision)
         model = modeling.add_lora(model, config)
         per_device, accumulation = batching.micro_batches(config, per_device, accumulation, model)
+    # Trainer.
     run_config = dataclasses.replace(config, per_device_train_batch_size=per_device,
                                      gradient_accumulation_steps=accumulation)
     build_trainer = preference.build_trainer if dpo else trainers.build_trainer
     trainer = build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
     if dpo:
         update_run_record(config.run_dir, stage="dpo", reference=preference.reference_in_use(trainer))
+    # Train and record.
     metrics = train_and_record(trainer, model, tokenizer, config)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None or dpo:
