@@ -1,4 +1,5 @@
-"""Loading training rows from a local file or the Hub, checking them, and rendering them as training text."""
+"""Loading training rows from a local file or the Hub (and the one rule telling a local path from a Hub id), checking
+them, and rendering them as training text."""
 from __future__ import annotations
 
 import csv
