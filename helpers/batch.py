@@ -18,10 +18,11 @@ from typing import Any
 
 from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, load_plan
 from helpers.config import RunConfig
-from helpers.environment import PROJECT_ROOT, mount_drive_if_needed
+from helpers.environment import mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
-from helpers.pipeline import NOTEBOOKS, load_profile, notebook_parameter_names, run_notebook, use_offline_hub_when_local
+from helpers.pipeline import notebook_parameter_names, run_notebook, use_offline_hub_when_local
 from helpers.plotting import moving_average
+from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile, refused_as_usage_error
 from helpers.records import atomic_write_text, read_json, read_train_log, save_figure, write_json
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> BatchResult:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
-    plan = load_plan(args.plan, args.output_dir)
+    with refused_as_usage_error(parser):
+        plan = load_plan(args.plan, args.output_dir)
     started = time.perf_counter()
     with logging_redirect_tqdm(loggers=[logging.getLogger("helpers")]):
         result = write_summary(plan) if args.summary_only else run_batch(plan, retry_failed=not args.skip_failed)

@@ -13,11 +13,9 @@ from typing import Any
 import yaml
 
 from helpers.config import RunConfig
-from helpers.data import is_local_dataset
-from helpers.environment import PROJECT_ROOT
-from helpers.pipeline import NOTEBOOKS, load_profile
+from helpers.data import is_local_path
+from helpers.project import NOTEBOOKS, PLANS, PROJECT_ROOT, load_profile
 
-PLANS = NOTEBOOKS / "plans"
 PLAN_KEYS = ("name", "profile", "notebooks", "fixed", "grid", "points", "output_dir")
 TRAIN = "01_train_lora"
 # Short names for run_dir names; other parameters keep their own name.
@@ -118,7 +116,7 @@ def point_name(values: dict[str, Any]) -> str:
     for key, value in values.items():
         short = SHORT_NAMES.get(key, key)
         if isinstance(value, str) and key in ("dataset", "model_name"):
-            value = Path(value).stem if is_local_dataset(value) else value.rstrip("/").rsplit("/", 1)[-1]
+            value = Path(value).stem if is_local_path(value) else value.rstrip("/").rsplit("/", 1)[-1]
         text = ("+".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float)
                 else str(value))
         text = re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "none"

@@ -11,13 +11,11 @@ import json
 import re
 from pathlib import Path
 
-from helpers.environment import PROJECT_ROOT
+from helpers.project import NOTEBOOKS, README
 
 # The kit's git URL: the notebooks' `kit_repo` default and the README's badges come from it (`make publish`).
 KIT_REPO = ""
 KIT_DIR = "/content/lora-kit"  # where the bootstrap cell clones the kit on Colab
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-README = PROJECT_ROOT / "README.md"
 BADGES_START, BADGES_END = "<!-- colab-badges: made by `python -m helpers.colab` -->", "<!-- /colab-badges -->"
 # What unsloth's notebooks carry so that Colab opens them on a GPU runtime with a T4.
 COLAB_METADATA = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}}

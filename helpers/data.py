@@ -1,4 +1,5 @@
-"""Loading training rows from a local file or the Hub, checking them, and rendering them as training text."""
+"""Loading training rows from a local file or the Hub (and the one rule telling a local path from a Hub id), checking
+them, and rendering them as training text."""
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,12 @@ SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_dpo.jsonl"
 LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 
-def is_local_dataset(dataset: str) -> bool:
-    """True when `dataset` names a file (by its extension or because it exists) rather than a Hub id."""
-    return Path(dataset).suffix.lower() in LOCAL_FORMATS or Path(dataset).exists()
+def is_local_path(name: str, root: str | Path = ".") -> bool:
+    """True when a model, dataset or export name means a file or folder here rather than a Hugging Face Hub id
+    (owner/name): it exists (from root), is written as a path (/, ., ~ or outputs/ first), is deeper than
+    owner/name, or ends in a data file's extension."""
+    return (name.startswith(("/", ".", "~", "outputs/")) or name.count("/") > 1
+            or Path(name).suffix.lower() in LOCAL_FORMATS or (Path(root) / name).exists())
 
 
 def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -66,7 +70,7 @@ def _require_objects(rows: list, path: Path) -> None:
 
 def load_rows(dataset: str, split: str = "train") -> list[dict[str, Any]]:
     """All rows of a local file or of a Hub dataset's split."""
-    if is_local_dataset(dataset):
+    if is_local_path(dataset):
         return read_local_rows(dataset)
     from datasets import load_dataset
 

@@ -9,9 +9,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from helpers.project import PROJECT_ROOT
+
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "accelerate",
             "bitsandbytes", "papermill")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def in_colab() -> bool:
@@ -154,7 +155,7 @@ def use_project_root() -> Path:
     return Path.cwd()
 
 
-def report_markdown(report: dict) -> str:
+def environment_markdown(report: dict) -> str:
     """The environment report as a two-column Markdown table."""
     rows = []
     for key, value in report.items():

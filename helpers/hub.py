@@ -116,7 +116,7 @@ def push_exports(config, manifest: dict[str, Any], api=None) -> dict[str, Any]:
     return plan
 
 
-def plan_markdown(plan: dict[str, Any]) -> str:
+def push_plan_markdown(plan: dict[str, Any]) -> str:
     """The push plan as a table: what goes (or went) where, public or private, with which files."""
     head = ("Dry run: nothing was uploaded; a token was " + ("found." if plan["token_found"] else "not found.")
             if plan["dry_run"] else "Pushed.")

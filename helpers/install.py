@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from helpers.environment import PROJECT_ROOT
+from helpers.project import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

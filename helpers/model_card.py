@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from helpers.data import is_local_path
 from helpers.prompts import format_generation_prompt
 from helpers.records import atomic_write_text, read_json
 
@@ -19,11 +20,6 @@ USAGE_QUESTION = "What's your favorite way to spend a rainy Sunday?"
 # (key in eval.json, label, digits)
 EVAL_METRICS = (("loss", "loss", 4), ("perplexity", "perplexity", 2), ("preference_accuracy", "preference accuracy", 3),
                 ("mean_margin", "mean margin", 4))
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether a model or dataset name is a Hub id (owner/name) rather than a local path."""
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
 
 
 def model_source(config, export_format: str) -> str:
@@ -75,9 +71,9 @@ def _front_matter(p: dict[str, Any], export_format: str, dpo: bool = False) -> s
     lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
     tags = ("unsloth", "trl", "dpo" if dpo else "sft", "lora", *(["gguf"] if export_format == "gguf" else []))
     lines += [f"- {tag}" for tag in tags]
-    if is_hub_id(p["model_name"]):
+    if not is_local_path(p["model_name"]):
         lines.append(f"base_model: {p['model_name']}")
-    if is_hub_id(p["dataset"]):
+    if not is_local_path(p["dataset"]):
         lines += ["datasets:", f"- {p['dataset']}"]
     return "\n".join([*lines, "---"])
 
@@ -153,8 +149,8 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
                 "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
     intro = f"The model was trained on prompts in the {p['prompt_template']} template; ask in the same form."
     if export_format == "lora":
-        note = ("" if is_hub_id(p["model_name"]) else
-                f"\n\nThe base model `{p['model_name']}` is a local folder: it must be present at that path.")
+        note = (f"\n\nThe base model `{p['model_name']}` is a local folder: it must be present at that path."
+                if is_local_path(p["model_name"]) else "")
         code = ("from unsloth import FastLanguageModel\n\n"
                 f"model, tokenizer = FastLanguageModel.from_pretrained(\"{source}\", "
                 f"max_seq_length={p['max_seq_length']}, load_in_4bit={p['load_in_4bit']})\n"
@@ -170,8 +166,8 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
     # -no-cnv: the raw Alpaca text, not the chat template the file carries from the base tokenizer
     ask = (f"-no-cnv -p {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
            if p["prompt_template"] == "alpaca" else "--jinja -cnv  # chat in the model's own template")
-    fetch = (f"`huggingface-cli download {source} --local-dir {_title(source)}`, then in that folder "
-             if is_hub_id(source) else "in this folder, ")
+    fetch = ("in this folder, " if is_local_path(source) else
+             f"`huggingface-cli download {source} --local-dir {_title(source)}`, then in that folder ")
     return (f"{intro}\n\nWith llama.cpp:\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\n"
             f"With Ollama: the `Modelfile` beside the file wraps each message in the template the model was trained "
             f"with and stops at its EOS; {fetch}`ollama create my-model -f Modelfile`, then `ollama run my-model`.")
@@ -179,7 +175,7 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
 
 def _title(source: str) -> str:
     """The repository name, or for a local export (run_dir/export/<format>) the run's folder name."""
-    return source.split("/")[1] if is_hub_id(source) else Path(source).parent.parent.name
+    return Path(source).parent.parent.name if is_local_path(source) else source.split("/")[1]
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

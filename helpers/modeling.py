@@ -1,14 +1,32 @@
-"""Loading the base model through unsloth, adding LoRA, and reloading a trained adapter for inference."""
+"""Loading the base model through unsloth (after checking that its source is there), adding LoRA, and reloading a
+trained adapter for inference."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from helpers.stack import FastLanguageModel
+from helpers.data import is_local_path
 from helpers.environment import cap_gpu_memory, torch_dtype
-from helpers.reliability import check_model_source
 
 log = logging.getLogger(__name__)
+
+
+def check_model_source(model_name: str) -> None:
+    """A local model path must exist; a Hub id must be cached when the Hub is offline."""
+    if is_local_path(model_name):
+        if not Path(model_name).expanduser().is_dir():
+            raise FileNotFoundError(f"model_name {model_name!r} is a local path that does not exist "
+                                    "(for the offline tiny model, run 00_setup first)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model_name, "config.json"), str):
+            raise RuntimeError(f"model_name {model_name!r} is a Hub id, but the Hub is offline (HF_HUB_OFFLINE) "
+                               "and it is not in the local cache; use the offline profile (-f "
+                               "notebooks/params/cpu_tiny.yaml) or a local model path")
 
 
 def load_base_model(config, precision: str):

@@ -1,12 +1,16 @@
-"""Watching a run: the loss curve redrawn in place while a person watches, with time left and GPU memory."""
+"""Watching a run: the loss curve redrawn in place while a person watches, with time left and GPU memory; the
+speed once warmed up; a stop with advice at the first non-finite loss."""
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import helpers.stack  # noqa: F401  (unsloth before transformers)
 from transformers import TrainerCallback
 
 from helpers.environment import gpu_total_gib, peak_memory
+from helpers.records import latest_checkpoint
 
 
 def should_redraw(interactive: bool, step: int, every: int, last_step: int) -> bool:
@@ -102,3 +106,24 @@ class StepClock(TrainerCallback):
         return {"steady_s_per_step": round((time1 - time0) / (step1 - step0), 4),
                 "steady_tokens_per_s": round((tokens1 - tokens0) / (time1 - time0), 1)}
 
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN or infinite loss, before it is checkpointed, with settings to try."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            checkpoint = latest_checkpoint(Path(self.config.run_dir) / "checkpoints")
+            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {state.global_step}; {kept}. Try a lower learning_rate "
+                f"(now {self.config.learning_rate}), more warmup_steps (now {self.config.warmup_steps}), or "
+                "precision='bf16' / 'fp32' instead of fp16; then run again (resume='auto' continues from the "
+                "last checkpoint)")

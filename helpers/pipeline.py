@@ -7,38 +7,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from helpers.config import RunConfig
-from helpers.data import is_local_dataset
-from helpers.environment import PROJECT_ROOT
-from helpers.local_models import local_model_builder
+from helpers.data import is_local_path
+from helpers.project import (
+    NOTEBOOKS,
+    PROJECT_ROOT,
+    add_profile_arguments,
+    default_profile,
+    load_profile,
+    overrides_from,
+    refused_as_usage_error,
+)
 
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-PROFILES = NOTEBOOKS / "params"
 PIPELINE = ("00_setup", "01_train_lora", "02_inference", "03_evaluate")
-
-
-def profile_names() -> list[str]:
-    """The profiles shipped in notebooks/params."""
-    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
-
-
-def load_profile(name: str) -> dict[str, Any]:
-    """A profile's parameters, checked against the config (unknown names and bad values are errors)."""
-    path = PROFILES / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"profile {name!r} is unknown; choose one of: {', '.join(profile_names())}")
-    params = yaml.safe_load(path.read_text()) or {}
-    RunConfig.from_dict(params)
-    return params
-
-
-def default_profile() -> str:
-    """colab_t4 where a CUDA GPU is present, else the offline cpu_tiny profile."""
-    import torch
-
-    return "colab_t4" if torch.cuda.is_available() else "cpu_tiny"
 
 
 def notebook_parameter_names(notebook: Path) -> set[str]:
@@ -70,8 +51,7 @@ def run_notebook(name: str, params: dict[str, Any], out_dir: Path, progress_bar:
 
 def use_offline_hub_when_local(configs: list[RunConfig]) -> None:
     """Set HF_HUB_OFFLINE when every config's model and data are local: never wait on the network."""
-    if all((local_model_builder(c.model_name) is not None or (PROJECT_ROOT / c.model_name).exists())
-           and is_local_dataset(c.dataset) for c in configs):
+    if all(is_local_path(c.model_name, PROJECT_ROOT) and is_local_path(c.dataset, PROJECT_ROOT) for c in configs):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -89,32 +69,18 @@ def run_pipeline(profile: str, overrides: dict[str, Any] | None = None,
     return run_dir
 
 
-def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """--profile and -p NAME VALUE, shared by the pipeline runner and the training entry point."""
-    parser.add_argument("--profile", help=f"one of {profile_names()}; default: colab_t4 with a GPU, else cpu_tiny")
-    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "YAML_VALUE"),
-                        help="override one parameter, e.g. -p max_steps 30")
-
-
-def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The -p NAME VALUE overrides, values parsed as YAML."""
-    return {name: yaml.safe_load(value) for name, value in args.param}
-
-
-def profile_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen profile's parameters with the -p overrides on top."""
-    return {**load_profile(args.profile or default_profile()), **overrides_from(args)}
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers.pipeline", description=__doc__)
     add_profile_arguments(parser)
     parser.add_argument("--notebooks", nargs="+", default=list(PIPELINE), metavar="NAME",
                         choices=sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")),
                         help=f"which notebooks to run, in order (default: {' '.join(PIPELINE)})")
     args = parser.parse_args(argv)
+    with refused_as_usage_error(parser):
+        profile, overrides = args.profile or default_profile(), overrides_from(args)
+        RunConfig.from_dict({**load_profile(profile), **overrides})
     started = time.perf_counter()
-    run_dir = run_pipeline(args.profile or default_profile(), overrides_from(args), tuple(args.notebooks))
+    run_dir = run_pipeline(profile, overrides, tuple(args.notebooks))
     rel = run_dir.relative_to(PROJECT_ROOT) if run_dir.is_relative_to(PROJECT_ROOT) else run_dir
     print(f"\nPipeline finished in {time.perf_counter() - started:.0f} s. Outputs in {rel}/:")
     for path in sorted(run_dir.iterdir()):

@@ -1,17 +1,22 @@
 """What a run leaves behind: run.json, train_log.csv, plots and folders (adapter, exports), each written
-atomically (old or new, never torn)."""
+atomically (old or new, never torn); the guard that keeps a finished run from being overwritten by accident, and
+the newest complete checkpoint to resume from."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -132,3 +137,119 @@ def record_runtime_peaks(run_dir: str | Path) -> dict[str, float]:
     update_run_record(run_dir, runtime_peak_memory=peaks)
     return peaks
 
+
+# --- the run directory: a finished run kept, an interrupted one resumed ------------------------------------
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Written by the Trainer for every checkpoint; trainer_state.json comes last, so its presence marks completion.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+RUN_FILES = ("adapter", "checkpoints", "train_log.csv", "loss.png", "run.json", "split.json", "generations.jsonl",
+             "eval.json", "eval.md", "eval.png", "export")
+
+
+class RunExistsError(RuntimeError):
+    """run_dir already holds a finished run."""
+
+
+# Where an overwrite=True rerun keeps the finished run it replaces until the new one has finished. Files move one
+# by one only into REPLACING (setting aside) or out of RESTORING (putting back), each then renamed in one step, so
+# that a kill at any point leaves the old run whole in place, whole in REPLACED, or split in a way the next call
+# completes.
+REPLACING, REPLACED, RESTORING = ".replacing", ".replaced", ".restoring"
+
+
+def check_run_dir(config) -> None:
+    """Refuse a run_dir holding a finished run unless overwrite=True; before anything loads. With overwrite the
+    finished run is set aside (run_dir/.replaced) until the new one finishes; a run set aside by an overwrite that
+    did not finish (killed, failed) is first put back."""
+    run_dir = Path(config.run_dir)
+    restore_replaced_run(run_dir)
+    record = run_dir / "run.json"
+    finished = record.exists() and json.loads(record.read_text()).get("status") == "finished"
+    if finished and not config.overwrite:
+        raise RunExistsError(f"run_dir {str(run_dir)!r} holds a finished run; choose another run_dir, "
+                             "or set overwrite=True to replace it")
+    if finished:
+        (run_dir / REPLACING).mkdir()
+        for name in RUN_FILES:
+            if (run_dir / name).exists():
+                (run_dir / name).rename(run_dir / REPLACING / name)
+        (run_dir / REPLACING).rename(run_dir / REPLACED)
+        log.info("the finished run in %s is set aside in %s until the new run finishes", run_dir, REPLACED)
+    elif config.resume == "never":
+        _remove_run_files(run_dir)
+
+
+def restore_replaced_run(run_dir: str | Path) -> bool:
+    """Put back a finished run that an unfinished overwrite set aside (the unfinished run's files are removed);
+    drop it once the new run has finished. True when one was put back."""
+    run_dir = Path(run_dir)
+    record = run_dir / "run.json"
+    if (run_dir / REPLACING).is_dir():  # killed while setting aside: the new run had not started
+        _move_back(run_dir / REPLACING)
+    if (run_dir / RESTORING).is_dir():  # killed while putting back: the new run's files are gone already
+        _move_back(run_dir / RESTORING)
+        return True
+    if not (run_dir / REPLACED).is_dir():
+        return False
+    if record.exists() and json.loads(record.read_text()).get("status") == "finished":
+        shutil.rmtree(run_dir / REPLACED)
+        return False
+    _remove_run_files(run_dir)
+    (run_dir / REPLACED).rename(run_dir / RESTORING)
+    _move_back(run_dir / RESTORING)
+    log.warning("the overwrite of %s did not finish; the finished run it was replacing is back", run_dir)
+    return True
+
+
+def _move_back(aside: Path) -> None:
+    for path in aside.iterdir():
+        path.rename(aside.parent / path.name)
+    aside.rmdir()
+
+
+def discard_replaced_run(run_dir: str | Path) -> None:
+    """Once a new run has finished, drop the run it replaced."""
+    shutil.rmtree(Path(run_dir) / REPLACED, ignore_errors=True)
+
+
+def _remove_run_files(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """True when every file of the checkpoint is there and its trainer state parses and names its own step."""
+    match = CHECKPOINT.match(path.name)
+    if not match or not all((path / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return state.get("global_step") == int(match.group(1))
+
+
+def latest_checkpoint(checkpoints_dir: str | Path, remove_incomplete: bool = False) -> Path | None:
+    """The newest complete checkpoint. With remove_incomplete (only when about to resume, never while a run may
+    be saving), newer incomplete ones, left by a crash while saving, are deleted."""
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.iterdir() if CHECKPOINT.match(p.name)),
+                        key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+    for path in candidates:
+        if is_complete_checkpoint(path):
+            return path
+        if remove_incomplete:
+            log.warning("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path)
+    return None
+
+
+def checkpoint_tokens(checkpoint: Path | None) -> int:
+    """Input tokens seen up to a checkpoint (0 without one)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))

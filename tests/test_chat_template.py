@@ -103,7 +103,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 @pytest.mark.parametrize("responses_only", [True, False])
 def test_labels_are_masked_exactly_on_the_prompt(tiny_model_dir, tmp_path, template, responses_only):
-    from helpers import modeling, training
+    from helpers import modeling, trainers
 
     config = RunConfig(model_name=str(tiny_model_dir), dataset="x.jsonl", load_in_4bit=False, precision="fp32",
                        max_seq_length=256, prompt_template=template, train_on_responses_only=responses_only,
@@ -111,7 +111,7 @@ def test_labels_are_masked_exactly_on_the_prompt(tiny_model_dir, tmp_path, templ
     model, tokenizer = modeling.load_base_model(config, "fp32")
     rows = [{"prompt": "What's your favorite season?", "chosen": "Autumn, hands down!"}]
     train_set = to_training_set(rows, config, tokenizer)
-    trainer = training.build_trainer(modeling.add_lora(model, config), tokenizer, train_set, config, "fp32")
+    trainer = trainers.build_trainer(modeling.add_lora(model, config), tokenizer, train_set, config, "fp32")
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     n_prompt = len(tokenizer(train_set[0]["prompt"])["input_ids"])

@@ -15,8 +15,8 @@ import yaml
 from helpers import environment
 from helpers.colab import BOOTSTRAP_CELL, KIT_REPO, badges_markdown, colab_url, github_path
 from helpers.config import RunConfig, notebook_config
-from helpers.environment import PROJECT_ROOT
-from helpers.pipeline import NOTEBOOKS, PROFILES, notebook_parameter_names, run_notebook
+from helpers.pipeline import notebook_parameter_names, run_notebook
+from helpers.project import NOTEBOOKS, PROFILES, PROJECT_ROOT
 from helpers.records import read_json
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -119,13 +119,13 @@ def test_an_empty_run_dir_goes_to_drive_on_colab_and_to_outputs_elsewhere(monkey
 
 
 def test_drive_is_mounted_before_the_finished_run_guard_looks(monkeypatch, tmp_path):
-    import helpers.training as training
+    import helpers.fine_tuning as fine_tuning
 
     calls = []
-    monkeypatch.setattr(training, "check_model_source", lambda name: None)
-    monkeypatch.setattr(training, "mount_drive_if_needed", lambda run_dir: calls.append("mount"))
-    monkeypatch.setattr(training, "check_run_dir", lambda config: calls.append("guard"))
-    training.prepare_run(RunConfig(run_dir=str(tmp_path / "run"), precision="fp32"))
+    monkeypatch.setattr(fine_tuning, "check_model_source", lambda name: None)
+    monkeypatch.setattr(fine_tuning, "mount_drive_if_needed", lambda run_dir: calls.append("mount"))
+    monkeypatch.setattr(fine_tuning, "check_run_dir", lambda config: calls.append("guard"))
+    fine_tuning.prepare_run(RunConfig(run_dir=str(tmp_path / "run"), precision="fp32"))
     assert calls == ["mount", "guard"]
 
 

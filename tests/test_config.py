@@ -23,6 +23,7 @@ from helpers.config import (
     notebook_parameters,
     run_config,
 )
+from helpers.project import NOTEBOOKS
 
 # ---------------------------------------------------------------- defaults
 
@@ -51,7 +52,6 @@ TUTORIAL_RECIPE = {
     "weight_decay": 0.01,
     "lr_scheduler_type": "linear",
 }
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def _parameters_cell_source(notebook: Path) -> str:

@@ -11,7 +11,7 @@ from helpers.data import (
     LOCAL_FORMATS,
     SAMPLE_DATASET,
     check_rows,
-    is_local_dataset,
+    is_local_path,
     load_checked_rows,
     load_rows,
     read_local_rows,
@@ -207,21 +207,32 @@ def test_empty_csv_cell_is_caught(tmp_path):
 # ---------------------------------------------------------------- local vs Hub
 
 
-@pytest.mark.parametrize("dataset, local", [
+@pytest.mark.parametrize("name, local", [
     ("HumanLLMs/Human-Like-DPO-Dataset", False),
+    ("unsloth/Qwen2.5-0.5B-Instruct", False),
+    ("gpt2", False),
     ("x.jsonl", True),
     ("data/x.parquet", True),
     ("x.CSV", True),
     ("x.json", True),
+    ("outputs/_models/tiny-llama", True),
+    ("outputs/lora-run", True),
+    ("/models/llama", True),
+    ("./model", True),
+    ("../model", True),
+    ("~/model", True),
+    ("runs/sft/export/lora", True),
 ])
-def test_is_local_dataset(dataset, local):
-    assert is_local_dataset(dataset) is local
+def test_one_rule_tells_a_local_path_from_a_hub_id(name, local):
+    assert is_local_path(name) is local
 
 
 def test_existing_path_without_known_extension_is_local(tmp_path):
     path = tmp_path / "rows"
     path.write_text("x")
-    assert is_local_dataset(str(path)) is True
+    assert is_local_path(str(path)) is True
+    assert is_local_path("rows", root=tmp_path) is True
+    assert is_local_path("rows") is False
 
 
 # ---------------------------------------------------------------- bundled sample

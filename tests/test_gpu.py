@@ -36,7 +36,7 @@ def prepared(tmp_path_factory):
     from helpers import data, modeling
     from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory
-    from helpers.pipeline import load_profile
+    from helpers.project import load_profile
 
     config = RunConfig.from_dict({**load_profile("colab_t4"), "model_name": os.environ["KIT_GPU_MODEL"],
                                   "dataset": str(data.SAMPLE_DATASET), "precision": "fp16",
@@ -54,7 +54,7 @@ def runs(prepared):
     gradient checkpointing mode before LoRA is added), from the same initial adapter and seed."""
     import bitsandbytes as bnb
 
-    from helpers import batching, modeling, training
+    from helpers import batching, modeling, trainers
     from helpers.records import training_log
 
     config, train_set, longest = prepared
@@ -75,7 +75,7 @@ def runs(prepared):
                     p.copy_(initial[name])
         run_config = dataclasses.replace(mode_config, per_device_train_batch_size=computed.rows,
                                          gradient_accumulation_steps=computed.accumulation)
-        trainer = training.build_trainer(model, tokenizer, train_set, run_config, "fp16")
+        trainer = trainers.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
         with batching.attention(computed):
             trainer.train()

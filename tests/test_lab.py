@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.environment import PROJECT_ROOT
-from helpers.pipeline import NOTEBOOKS, load_profile
+from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile
 from helpers.records import read_json
 
 pytestmark = pytest.mark.browser

@@ -27,8 +27,8 @@ def test_micro_batching_is_validated():
 def _train(tmp_path, micro_batching):
     from helpers.data import SAMPLE_DATASET
     from helpers.local_models import build_tiny_model
-    from helpers.pipeline import load_profile
-    from helpers.train import run_training
+    from helpers.project import load_profile
+    from helpers.fine_tuning import run_training
 
     model = build_tiny_model(tmp_path / "model")
     run_dir = tmp_path / micro_batching

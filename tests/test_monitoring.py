@@ -44,7 +44,7 @@ def test_live_plot_records_every_loss_and_redraws_only_when_watched(capsys):
 
 def test_tensorboard_writes_event_files(tmp_path):
     import helpers.stack  # noqa: F401
-    from helpers import data, modeling, training
+    from helpers import data, fine_tuning, modeling, trainers
     from helpers.config import RunConfig
     from helpers.local_models import build_tiny_model
 
@@ -52,12 +52,12 @@ def test_tensorboard_writes_event_files(tmp_path):
     config = RunConfig(model_name=str(model_dir), dataset=str(data.SAMPLE_DATASET), load_in_4bit=False,
                        precision="fp32", max_seq_length=128, lora_r=4, lora_alpha=8, max_steps=4,
                        optim="adamw_torch", report_to="tensorboard", run_dir=str(tmp_path / "run"))
-    precision = training.prepare_run(config)
+    precision = fine_tuning.prepare_run(config)
     rows = data.load_checked_rows(config)[:32]
     model, tokenizer = modeling.load_base_model(config, precision)
     model = modeling.add_lora(model, config)
-    trainer = training.build_trainer(model, tokenizer, data.to_training_set(rows, config, tokenizer), config, precision)
-    training.train_and_record(trainer, model, tokenizer, config)
+    trainer = trainers.build_trainer(model, tokenizer, data.to_training_set(rows, config, tokenizer), config, precision)
+    fine_tuning.train_and_record(trainer, model, tokenizer, config)
     events = list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 

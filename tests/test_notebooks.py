@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers.config import DEFAULT_PROMPTS, RunConfig
-from helpers.pipeline import PROFILES, run_notebook
+from helpers.pipeline import run_notebook
+from helpers.project import PROFILES
 from helpers.records import read_json, read_train_log
 
 pytestmark = pytest.mark.notebook
@@ -195,7 +196,7 @@ def test_identical_answers_stop_the_dpo_notebook_before_the_model_loads(tmp_path
         run_notebook("06_preference_dpo", params, tmp_path)
     assert "1 rows have the same 'chosen' and 'rejected' answer (rows 3)" in str(failure.value)
     nb = nbformat.read(tmp_path / "06_preference_dpo.ipynb", as_version=4)
-    assert next(c for c in nb.cells if "run_preference(" in c.source).execution_count is None
+    assert next(c for c in nb.cells if "metrics = helpers.train.train(" in c.source).execution_count is None
     assert not (tmp_path / "run" / "run.json").exists()
 
 

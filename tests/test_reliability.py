@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 
 from helpers.config import RunConfig
-from helpers.records import read_train_log
-from helpers.reliability import (
-    NonFiniteLossError,
+from helpers.fine_tuning import out_of_memory_advice
+from helpers.modeling import check_model_source
+from helpers.monitoring import NonFiniteLossError, StopOnNonFiniteLoss
+from helpers.records import (
     RunExistsError,
-    StopOnNonFiniteLoss,
-    check_model_source,
     check_run_dir,
     discard_replaced_run,
     latest_checkpoint,
-    out_of_memory_advice,
+    read_train_log,
     restore_replaced_run,
 )
 
@@ -108,7 +107,7 @@ def test_a_kill_while_moving_the_old_run_aside_or_back_loses_nothing(tmp_path, a
 def test_a_failed_overwrite_gives_the_finished_run_back(tmp_path):
     import torch
 
-    from helpers.training import train_and_record
+    from helpers.fine_tuning import train_and_record
 
     class FailingTrainer:
         def train(self, resume_from_checkpoint=None):
@@ -255,7 +254,7 @@ def test_a_finished_run_dir_stops_the_training_notebook(tiny_run, tmp_path):
 def test_out_of_memory_during_training_is_reported_with_advice_and_recorded(tmp_path):
     import torch
 
-    from helpers.training import train_and_record
+    from helpers.fine_tuning import train_and_record
 
     class OutOfMemoryTrainer:
         def train(self, resume_from_checkpoint=None):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from helpers.records import read_json, read_train_log
-from helpers.train import split_global_batch
+from helpers.fine_tuning import split_global_batch
 
 
 @pytest.mark.parametrize("processes, expected", [(1, (2, 4)), (2, (2, 2)), (4, (2, 1))])

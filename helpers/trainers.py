@@ -1,0 +1,69 @@
+"""trl's trainers, watched alike: the recipe's TrainingArguments shared by SFT and DPO, the watchers every run gets,
+and SFT's trainer (DPO's is in helpers.preference)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import helpers.stack  # noqa: F401  (unsloth before trl)
+from helpers.environment import is_interactive
+from helpers.monitoring import LiveLossPlot, StepClock, StopOnNonFiniteLoss
+
+
+def trainer_arguments(config, precision: str, with_eval: bool = False) -> dict[str, Any]:
+    """The recipe's hyperparameters as TrainingArguments keywords, shared by SFT and DPO; precision from the
+    hardware; checkpoints in run_dir/checkpoints."""
+    return dict(
+        output_dir=str(Path(config.run_dir) / "checkpoints"),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_steps,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        num_train_epochs=config.num_train_epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        optim=config.optim,
+        weight_decay=config.weight_decay,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=config.report_to,
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=1,
+    )
+
+
+def sft_config(config, precision: str, with_eval: bool = False):
+    """trl's SFTConfig for the run: the shared recipe, the sequence length, packing and where the loss goes."""
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_arguments(config, precision, with_eval), max_length=config.max_seq_length,
+                     completion_only_loss=config.train_on_responses_only, packing=config.packing)
+
+
+def watchers(config) -> list:
+    """What watches every run, SFT or DPO: the live loss plot and the loss guard as Trainer callbacks; with
+    report_to, the tracker's files placed in run_dir."""
+    if config.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
+    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock()]
+
+
+def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
+    """An SFTTrainer over the formatted rows (`prompt` and `completion` columns), watched by the live plot and
+    the loss guard; with an eval_set, the held-out loss is logged every eval_steps."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
+                      args=sft_config(config, precision, with_eval=eval_set is not None), callbacks=watchers(config))
