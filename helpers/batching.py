@@ -55,8 +55,8 @@ class Plan:
     def record(self) -> dict:
         """What run.json's `distributed` says of it."""
         return {"per_device_train_batch_size": self.rows, "gradient_accumulation_steps": self.accumulation,
-                "gradient_checkpointing": "on the GPU" if self.resident_checkpoints else "offloaded to the CPU",
-                "attention": "SDPA without cuDNN" if self.flash_attention else "SDPA"}
+                "use_gradient_checkpointing": self.gradient_checkpointing,
+                "attention": "SDPA without cuDNN" if self.flash_attention else "default"}
 
 
 def micro_batch_rows(step_rows: int, recipe_rows: int, row_tokens: int, token_budget: int | None) -> int:
