@@ -218,7 +218,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     peaks = peak_memory()
     return {"config": name, "backend": spec["backend"], "micro_batching": spec["micro_batching"],
-            "gradient_checkpointing": "on the GPU" if computed.resident_checkpoints else "offloaded to the CPU",
+            "gradient_checkpointing": ("transformers' (on the GPU)" if spec["backend"] == "hf" else
+                                       "on the GPU" if computed.resident_checkpoints else "offloaded to the CPU"),
             "attention": computed.record()["attention"],
             "recipe_batch": f"{spec['batch']} x {spec['accumulation']}", "micro_batch_rows": batch,
             "accumulation": accumulation, "packing": spec["packing"], "max_length": spec["max_length"],
