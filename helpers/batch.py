@@ -23,7 +23,7 @@ from helpers.local_models import TINY_MODEL_DIR
 from helpers.pipeline import notebook_parameter_names, run_notebook, use_offline_hub_when_local
 from helpers.plotting import moving_average
 from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile, refused_as_usage_error
-from helpers.records import atomic_write_text, read_json, read_train_log, save_figure, write_json
+from helpers.records import atomic_write_text, has_finished_run, read_json, read_train_log, save_figure, write_json
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__
 
@@ -46,8 +46,7 @@ class BatchResult:
 def notebook_done(point: Point, notebook: str) -> bool:
     """Training is done when run.json says finished; another notebook when the batch recorded it finished."""
     if notebook == TRAIN:
-        record = point.run_dir / "run.json"
-        return record.exists() and read_json(record).get("status") == "finished"
+        return has_finished_run(point.run_dir)
     done = _point_record(point).get("notebooks", {}).get(notebook, {}).get("status") == "finished"
     return done and (point.run_dir / f"{notebook}.ipynb").exists()
 

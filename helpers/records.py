@@ -158,14 +158,19 @@ class RunExistsError(RuntimeError):
 REPLACING, REPLACED, RESTORING = ".replacing", ".replaced", ".restoring"
 
 
+def has_finished_run(run_dir: str | Path) -> bool:
+    """True when run_dir's run.json says the run finished."""
+    record = Path(run_dir) / "run.json"
+    return record.exists() and read_json(record).get("status") == "finished"
+
+
 def check_run_dir(config) -> None:
     """Refuse a run_dir holding a finished run unless overwrite=True; before anything loads. With overwrite the
     finished run is set aside (run_dir/.replaced) until the new one finishes; a run set aside by an overwrite that
     did not finish (killed, failed) is first put back."""
     run_dir = Path(config.run_dir)
     restore_replaced_run(run_dir)
-    record = run_dir / "run.json"
-    finished = record.exists() and json.loads(record.read_text()).get("status") == "finished"
+    finished = has_finished_run(run_dir)
     if finished and not config.overwrite:
         raise RunExistsError(f"run_dir {str(run_dir)!r} holds a finished run; choose another run_dir, "
                              "or set overwrite=True to replace it")
@@ -184,7 +189,6 @@ def restore_replaced_run(run_dir: str | Path) -> bool:
     """Put back a finished run that an unfinished overwrite set aside (the unfinished run's files are removed);
     drop it once the new run has finished. True when one was put back."""
     run_dir = Path(run_dir)
-    record = run_dir / "run.json"
     if (run_dir / REPLACING).is_dir():  # killed while setting aside: the new run had not started
         _move_back(run_dir / REPLACING)
     if (run_dir / RESTORING).is_dir():  # killed while putting back: the new run's files are gone already
@@ -192,7 +196,7 @@ def restore_replaced_run(run_dir: str | Path) -> bool:
         return True
     if not (run_dir / REPLACED).is_dir():
         return False
-    if record.exists() and json.loads(record.read_text()).get("status") == "finished":
+    if has_finished_run(run_dir):
         shutil.rmtree(run_dir / REPLACED)
         return False
     _remove_run_files(run_dir)
