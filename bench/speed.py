@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW_LENGTHS = dict(median=240, sigma=0.45, low=90, high=700)
 PARAMS_8B = 8.03e9
 PEAK_FLOPS = 790e12  # H200 dense bf16/fp16 tensor throughput reachable in practice
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     # name: backend, the recipe's micro-batch rows and accumulation, micro_batching, packing, max_length
     "tutorial": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="recipe", packing=False,
@@ -92,20 +91,13 @@ def load_base(model_path: str, max_length: int, precision: str, four_bit: bool, 
                                              unsloth_tiled_mlp=tiled_mlp)
 
 
-def add_lora(model, max_length: int, checkpointing: bool | str = "unsloth"):
-    """LoRA r=64 on the seven projections through unsloth, as the kit adds it (helpers.modeling.add_lora)."""
-    from helpers.stack import FastLanguageModel
-
-    return FastLanguageModel.get_peft_model(model, r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
-                                            use_gradient_checkpointing=checkpointing, random_state=3927,
-                                            max_seq_length=max_length)
-
-
 def load_hf(model_path: str, precision: str, four_bit: bool):
     """Plain transformers + peft + bitsandbytes: the model with LoRA r=64 on the seven projections, its tokenizer."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from helpers.config import SEVEN_PROJECTIONS
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     quant = None
@@ -120,8 +112,8 @@ def load_hf(model_path: str, precision: str, four_bit: bool):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=list(SEVEN_PROJECTIONS), task_type="CAUSAL_LM"))
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
@@ -157,13 +149,15 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     if spec.get("no_cudnn_at_load"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if spec["backend"] == "unsloth":  # as the kit does: the plan between the base model's load and LoRA
+        from helpers.modeling import add_lora
+
         model, tokenizer = load_base(model_path, spec["max_length"], precision, four_bit)
-        kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib, lora_r=64,
-                        target_modules=MODULES, micro_batching=spec["micro_batching"])
+        kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
+                        micro_batching=spec["micro_batching"])  # the tutorial's LoRA: r 64 on the seven projections
         computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,
                                  min(spec["max_length"], max(row_lengths(rows))))
         computed = dataclasses.replace(computed, **spec.get("plan", {}))
-        model = add_lora(model, spec["max_length"], computed.gradient_checkpointing)
+        model = add_lora(model, kit, computed.gradient_checkpointing)
     else:
         model, tokenizer = load_hf(model_path, precision, four_bit)
         computed = batching.Plan(spec["batch"], spec["accumulation"])
@@ -331,11 +325,14 @@ def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precis
 
         tiled_mlp.TiledMLP.backward = staticmethod(tiled_mlp.torch_amp_custom_bwd(tiled_mlp_backward))
 
+    from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory
+    from helpers.modeling import add_lora
 
     cuda = torch.cuda.is_available()
     cap_gpu_memory(cap_gib)
-    model = add_lora(load_base(model_path, max(lengths), precision, four_bit, tiled_mlp=tiled)[0], max(lengths))
+    model = add_lora(load_base(model_path, max(lengths), precision, four_bit, tiled_mlp=tiled)[0],
+                     RunConfig(max_seq_length=max(lengths)))
     model.train()
     device, dtype = ("cuda", torch.float16 if precision == "fp16" else torch.bfloat16) if cuda else ("cpu", None)
     result = {"job": f"longest:{mode}", "mode": mode, "cap_gib": cap_gib, "precision": precision, "tiled_mlp": tiled,
@@ -372,14 +369,15 @@ def longest_sequence(model_path: str, cap_gib: float, lengths: list[int], precis
 def table(results: list[dict]) -> str:
     """The results as a Markdown table (ratio to the tutorial's tokens/s), the longest row and any failures."""
     base = next((r["tokens_per_s"] for r in results if r.get("config") == "tutorial"), None)
-    lines = ["| configuration | micro-batch | checkpoints | attention | tokens/s | x tutorial | s/step | optimizer s/step | "
-             "tokens/step | padding | MFU | peak reserved GiB | loss finite |", "|---" * 13 + "|"]
+    lines = ["| configuration | micro-batch | checkpoints | attention | tokens/s | x tutorial | s/step | "
+             "optimizer s/step | tokens/step | padding | MFU | peak reserved GiB | loss finite |", "|---" * 13 + "|"]
     for r in results:
         if "tokens_per_s" in r:
             ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
             padding = "free" if r["padding_free"] else f"{r['padding_share']:.0%}"
             lines.append(f"| {r['config']} | {r['micro_batch_rows']} x {r['accumulation']} | "
-                         f"{r.get('gradient_checkpointing', '-')} | {r.get('attention', '-')} | {r['tokens_per_s']:,.0f} | "
+                         f"{r.get('gradient_checkpointing', '-')} | {r.get('attention', '-')} | "
+                         f"{r['tokens_per_s']:,.0f} | "
                          f"{ratio} | {r['s_per_step']} | {r['optimizer_s_per_step']} | {r['tokens_per_step']:,} | "
                          f"{padding} | {r['mfu']:.1%} | {r['peak_reserved_gib']} | {r['loss_finite']} |")
     for r in results:
