@@ -243,7 +243,10 @@ def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
 
 
 def longest_row_tokens(train_set, tokenizer, config) -> int:
-    """Tokens of the longest row of a to_training_set dataset as training sees it (at most max_seq_length)."""
+    """Tokens of the longest row of a to_training_set dataset as training sees it (at most max_seq_length); with
+    packing, rows are joined into sequences of max_seq_length."""
+    if config.packing:
+        return config.max_seq_length
     full = [p + c for p, c in zip(train_set["prompt"], train_set["completion"])]
     longest = max(len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"])
     return min(longest, config.max_seq_length)

@@ -14,6 +14,7 @@ from helpers.data import (
     is_local_path,
     load_checked_rows,
     load_rows,
+    longest_row_tokens,
     read_local_rows,
     to_training_set,
 )
@@ -284,6 +285,17 @@ def test_long_rows_are_counted_and_truncated_or_dropped(tiny_tokenizer, caplog):
     assert len(kept) == 3 and "2 of 3 rows are longer than max_seq_length=120" in caplog.text
     dropped = to_training_set(rows, RunConfig(dataset="x.jsonl", max_seq_length=120, long_rows="drop"), tiny_tokenizer)
     assert dropped["completion"] == kept["completion"][:1]
+
+
+def test_longest_row_is_the_packed_sequence_when_packing(tiny_tokenizer):
+    # micro_batching="auto" sizes micro-batches by it: packed rows are max_seq_length long, not the longest text
+    rows = [{"prompt": "Hi?", "chosen": "Hello! " * n} for n in (1, 20)]
+    plain = RunConfig(dataset="x.jsonl", max_seq_length=512)
+    packed = RunConfig(dataset="x.jsonl", max_seq_length=512, packing=True)
+    text = format_alpaca_prompt(rows[1]["prompt"], rows[1]["chosen"], tiny_tokenizer.eos_token)
+    longest = len(tiny_tokenizer(text, add_special_tokens=True)["input_ids"])
+    assert longest_row_tokens(to_training_set(rows, plain, tiny_tokenizer), tiny_tokenizer, plain) == longest < 512
+    assert longest_row_tokens(to_training_set(rows, packed, tiny_tokenizer), tiny_tokenizer, packed) == 512
 
 
 def test_dataset_empty_after_dropping_long_rows_is_an_error(tiny_tokenizer):
