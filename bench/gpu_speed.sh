@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# On a CUDA machine without the Hub, in one go: the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap,
-# the fast default trained step for step against the recipe) and the longest row under the cap (unsloth's tiled
-# MLP, as shipped and with its backward patched: bench/speed.py LONGEST_MODES) on GPU 0, beside the speed table
+# On a CUDA machine without the Hub, in one go on one GPU, nothing else running on it: the speed table
 # (bench/speed.py: tutorial, fast default, packed 8k, plain transformers + peft + bitsandbytes, each in its own
-# process) on GPU 1; one after the other where there is one GPU. The model: the random-init 8B shape saved
+# process), then the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap, the fast default trained step for
+# step against the recipe), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
+# shipped and with its backward patched: bench/speed.py LONGEST_MODES). The model: the random-init 8B shape saved
 # pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
 # --prequantized).
-# Everything lands in $OUT (default outputs/gpu-speed): pytest_gpu.txt, gpu_equality.json, speed.txt, speed.json,
-# longest.txt, longest.json. About 8 minutes on two H200s; each part time-boxed so that a slow one leaves the others'
-# results (the JSON files are rewritten as they go).
+# Everything lands in $OUT (default outputs/gpu-speed): speed.txt, speed.json, pytest_gpu.txt, gpu_equality.json,
+# longest.txt, longest.json. About 9 minutes on an H200 without the longest row; each part time-boxed so that a slow
+# one leaves the others' results (the JSON files are rewritten as they go).
 # Usage: OUT=/some/dir bash bench/gpu_speed.sh /dev/shm/llama8b
 set -uo pipefail
 MODEL=${1:?usage: bash bench/gpu_speed.sh MODEL_DIR}
@@ -17,24 +17,13 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 "$PY" -m helpers.local_models "$MODEL" --shape llama-8b --prequantized > "$OUT/build.txt" 2>&1
-gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-tests_and_longest() {
-  KIT_GPU_MODEL="$MODEL" KIT_GPU_REPORT="$OUT/gpu_equality.json" timeout "${GPU_TESTS_S:-220}" \
-    "$PY" -m pytest -m gpu -v -s -p no:cacheprovider 2>&1 | grep -v "it/s" > "$OUT/pytest_gpu.txt"
-  timeout "${LONGEST_S:-270}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/longest.json" --configs \
-    --longest ${LONGEST:-49152 57344 65536 73728 81920} --longest-modes tiled tiled-patched --job-timeout 200 \
+timeout "${SPEED_S:-420}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 6 --warmup 2 \
+  --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
+KIT_GPU_MODEL="$MODEL" KIT_GPU_REPORT="$OUT/gpu_equality.json" timeout "${GPU_TESTS_S:-200}" \
+  "$PY" -m pytest -m gpu -v -s -p no:cacheprovider 2>&1 | grep -v "it/s" > "$OUT/pytest_gpu.txt"
+if [ "${LONGEST_S:-0}" -gt 0 ]; then
+  timeout "$LONGEST_S" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/longest.json" --configs \
+    --longest ${LONGEST:-40960 49152 57344 65536} --longest-modes tiled tiled-patched --job-timeout 200 \
     > "$OUT/longest.txt" 2>&1
-}
-speed_table() {
-  timeout "${SPEED_S:-450}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 5 --warmup 2 \
-    --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
-}
-if [ "$gpus" -ge 2 ]; then
-  CUDA_VISIBLE_DEVICES=0 tests_and_longest &
-  CUDA_VISIBLE_DEVICES=1 speed_table &
-  wait
-else
-  tests_and_longest
-  speed_table
 fi
-tail -n 12 "$OUT/pytest_gpu.txt" "$OUT/speed.txt" "$OUT/longest.txt"
+tail -n 12 "$OUT"/*.txt

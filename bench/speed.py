@@ -36,8 +36,9 @@ CONFIGS = {
                      max_length=2048),
     "fast": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                  max_length=2048),  # the kit's default: the tutorial's 8 rows per step, as few micro-batches as fit
-    "packed-8k": dict(backend="unsloth", batch=1, accumulation=8, micro_batching="recipe", packing=True,
-                      max_length=8192),  # opt-in: rows packed into long sequences (more rows per step)
+    # opt-in: rows packed into long sequences (more rows per step), planned as the kit plans packing=True by default
+    "packed-8k": dict(backend="unsloth", batch=1, accumulation=8, micro_batching="auto", packing=True,
+                      max_length=8192),
     "hf-tutorial": dict(backend="hf", batch=2, accumulation=4, micro_batching="recipe", packing=False,
                         max_length=2048),  # plain transformers + peft + bitsandbytes, tutorial's settings
     # Opt-in (--configs): the fast default without parts of it. Its micro-batches with the tutorial's computation
@@ -51,6 +52,13 @@ CONFIGS = {
     # around training alone
     "fast-no-cudnn-at-load": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                                   max_length=2048, no_cudnn_at_load=True),
+    # the fast default with unsloth's attention for padding-free rows as one SDPA call a layer over a block-diagonal
+    # mask, instead of one call per run of equal row lengths (its UNSLOTH_SDPA_PACKED_SEGMENTS switch)
+    "fast-one-sdpa": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                          max_length=2048, environment={"UNSLOTH_SDPA_PACKED_SEGMENTS": "0"}),
+    # padded micro-batches without unsloth's per-decoder-layer torch.compile (which padding-free batches skip)
+    "fast-padded-eager": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                              max_length=2048, padding_free=False, environment={"UNSLOTH_BLOCK_COMPILE": "0"}),
 }
 DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
@@ -154,8 +162,9 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
         model, tokenizer = load_base(model_path, spec["max_length"], precision, four_bit)
         kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
                         micro_batching=spec["micro_batching"])  # the tutorial's LoRA: r 64 on the seven projections
-        computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,
-                                 min(spec["max_length"], max(row_lengths(rows))))
+        computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,  # packed rows: max_length long
+                                 spec["max_length"] if spec["packing"] else min(spec["max_length"],
+                                                                                max(row_lengths(rows))))
         computed = dataclasses.replace(computed, **spec.get("plan", {}))
         model = add_lora(model, kit, computed.gradient_checkpointing)
     else:
@@ -221,6 +230,8 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
             "padding_share": round(1 - tokens[-1] / positions[0], 4) if positions[0] else None,
             "precision": precision, "cap_gib": cap_gib, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "tokens_per_s": round(tokens_per_s, 1), "s_per_step": round((t1 - t0) / measured, 3),
+            "each_s_per_step": [round(b - a, 3) for a, b in zip(marks["step_end"][warmup - 1:last],
+                                                                 marks["step_end"][warmup:last + 1])],
             "optimizer_s_per_step": round(sum(optimizer_s) / len(optimizer_s), 4),
             "tokens_per_step": round((n1 - n0) / measured),
             "mfu": round(tokens_per_s * 6 * PARAMS_8B / PEAK_FLOPS, 4),
@@ -441,7 +452,9 @@ def main() -> None:
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
                        "--cap-gib", str(args.cap_gib), "--longest", *map(str, args.longest),
                        *(["--profile", args.profile] if args.profile else []), *(["--smoke"] if args.smoke else [])]
-            environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                           **(CONFIGS[job.partition(":")[2]].get("environment", {}) if job.startswith("config:")
+                              else {})}
             try:
                 proc = subprocess.run(command, env=environment, capture_output=True, text=True,
                                       timeout=args.job_timeout)
