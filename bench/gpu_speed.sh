@@ -7,7 +7,7 @@
 # pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
 # --prequantized).
 # Everything lands in $OUT (default outputs/gpu-speed): speed.txt, speed.json, pytest_gpu.txt, gpu_equality.json,
-# longest.txt, longest.json. About 9 minutes on an H200 without the longest row; each part time-boxed so that a slow
+# longest.txt, longest.json. About 7 minutes on an H200 without the longest row; each part time-boxed so that a slow
 # one leaves the others' results (the JSON files are rewritten as they go).
 # Usage: OUT=/some/dir bash bench/gpu_speed.sh /dev/shm/llama8b
 set -uo pipefail
