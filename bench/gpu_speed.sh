@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine without the Hub, in one go on one GPU, nothing else running on it: the speed table
 # (bench/speed.py: tutorial, fast default, packed 8k, plain transformers + peft + bitsandbytes, each in its own
-# process), then the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap, the fast default trained step for
-# step against the recipe), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
+# process; CONFIGS names others), then the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap, the fast
+# default trained step for step against the recipe), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
 # shipped and with its backward patched: bench/speed.py LONGEST_MODES). The model: the random-init 8B shape saved
 # pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
 # --prequantized).
@@ -17,8 +17,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 "$PY" -m helpers.local_models "$MODEL" --shape llama-8b --prequantized > "$OUT/build.txt" 2>&1
-timeout "${SPEED_S:-420}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 6 --warmup 2 \
-  --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
+timeout "${SPEED_S:-420}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 8 --warmup 3 \
+  ${CONFIGS:+--configs $CONFIGS} --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
 KIT_GPU_MODEL="$MODEL" KIT_GPU_REPORT="$OUT/gpu_equality.json" timeout "${GPU_TESTS_S:-200}" \
   "$PY" -m pytest -m gpu -v -s -p no:cacheprovider 2>&1 | grep -v "it/s" > "$OUT/pytest_gpu.txt"
 if [ "${LONGEST_S:-0}" -gt 0 ]; then

@@ -59,6 +59,9 @@ CONFIGS = {
     # padded micro-batches without unsloth's per-decoder-layer torch.compile (which padding-free batches skip)
     "fast-padded-eager": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                               max_length=2048, padding_free=False, environment={"UNSLOTH_BLOCK_COMPILE": "0"}),
+    # the fast default with every decoder layer checkpointed (none kept: helpers.batching.KeptLayers off)
+    "fast-all-checkpointed": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
+                                  max_length=2048, plan=dict(keep_layers=False)),
 }
 DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 # Longest-row search: lengths tried in order until one runs out of memory, with unsloth's tiled MLP (its
@@ -201,17 +204,18 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
                          train_dataset=synthetic_dataset(rows, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
     if spec["backend"] == "hf" and precision == "fp16":
         trainable_to_fp32(trainer.model)
-    collate, positions = trainer.data_collator, [0]
+    collate, positions = trainer.data_collator, [0, 0]  # all positions, the largest micro-batch's
 
     def counting_collator(examples):  # every position the model computes, padding included
         batch_out = collate(examples)
         positions[0] += batch_out["input_ids"].numel()
+        positions[1] = max(positions[1], batch_out["input_ids"].numel())
         return batch_out
 
     trainer.data_collator = counting_collator
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with batching.attention(computed):
+    with batching.training(computed, model, kit if spec["backend"] == "unsloth" else None) as kept:
         trainer.train()
     measured, last = steps, warmup + steps - 1
     t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][last]
@@ -222,8 +226,10 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     peaks = peak_memory()
     return {"config": name, "backend": spec["backend"], "micro_batching": spec["micro_batching"],
             "gradient_checkpointing": ("transformers' (on the GPU)" if spec["backend"] == "hf" else
-                                       "on the GPU" if computed.resident_checkpoints else "offloaded to the CPU"),
+                                       "on the GPU" if computed.resident_checkpoints else "offloaded to the CPU")
+            + (f", {kept.record()['mean']} of {len(kept.layers)} layers kept (mean)" if kept else ""),
             "attention": computed.record()["attention"],
+            "layers_kept_un_checkpointed": kept.record() if kept else None,
             "recipe_batch": f"{spec['batch']} x {spec['accumulation']}", "micro_batch_rows": batch,
             "accumulation": accumulation, "packing": spec["packing"], "max_length": spec["max_length"],
             "padding_free": bool(getattr(trainer.args, "padding_free", False)),
@@ -234,6 +240,7 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
                                                                  marks["step_end"][warmup:last + 1])],
             "optimizer_s_per_step": round(sum(optimizer_s) / len(optimizer_s), 4),
             "tokens_per_step": round((n1 - n0) / measured),
+            "largest_micro_batch_tokens": positions[1],
             "mfu": round(tokens_per_s * 6 * PARAMS_8B / PEAK_FLOPS, 4),
             "peak_allocated_gib": peaks.get("peak_gpu_allocated_gib"), "peak_reserved_gib": peaks.get(
                 "peak_gpu_reserved_gib"), "final_loss": losses[-1], "loss_finite": all(math.isfinite(x) for x in losses)}

@@ -15,7 +15,10 @@ the CPU offload: the same recomputation, without a copy out and back per layer) 
 SDPA kernel (flash where the GPU has it: cuDNN attention builds a plan per sequence length and costs ~0.2 ms of CPU
 a call, and a padding-free micro-batch calls it once per row and layer). Both change where and how the same
 numbers are computed, not which; on a fast GPU a step of ~2,000 tokens is bound by what the CPU spends per call,
-which is what they cut (bench/speed.py measures each).
+which is what they cut (bench/speed.py measures each). With checkpoints on the GPU, `auto` also keeps decoder
+layers un-checkpointed, per micro-batch, as many as the memory left by that micro-batch's length holds
+(KeptLayers): their activations stay for the backward instead of being recomputed from the layer's input, which
+saves that layer's second forward; the numbers computed are the same.
 """
 from __future__ import annotations
 
@@ -36,6 +39,15 @@ BYTES_PER_TOKEN_AND_WIDTH = 0.4 * 2**20 / (4096 + 14336)
 RESIDENT_MARGIN = 1.5
 # Gradient and optimizer state per trainable parameter, at most: an fp32 gradient and two fp32 Adam moments.
 BYTES_PER_TRAINABLE_PARAMETER = 12
+# GPU memory a decoder layer kept un-checkpointed holds for the backward, per token and unit of hidden_size +
+# intermediate_size. Measured on the H200 for the 8B shape (4096 + 14336) in 4-bit with fp16
+# (bench/results-h200-2026-11-30-fast.json, key probe_4): with 24 of its 32 layers kept, a step whose largest
+# micro-batch held 2,462 tokens peaked 5.91 GiB above the same step with every layer checkpointed, 107,400 bytes a
+# token and layer (12 layers kept: 104,000).
+KEPT_LAYER_BYTES_PER_TOKEN_AND_WIDTH = 107_400 / (4096 + 14336)
+# GPU memory left unused by the layers kept: the allocator's fragmentation between micro-batches of other lengths,
+# and what the cost per token measured on the first micro-batch does not foresee.
+KEEP_MARGIN_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Plan:
     accumulation: int  # micro-batches per optimizer step
     resident_checkpoints: bool = False  # checkpointed layer inputs kept on the GPU (else offloaded to the CPU)
     flash_attention: bool = False  # SDPA without its cuDNN kernel during training
+    keep_layers: bool = False  # per micro-batch, decoder layers kept un-checkpointed where they fit (KeptLayers)
 
     @property
     def gradient_checkpointing(self) -> bool | str:
@@ -56,7 +69,8 @@ class Plan:
         """What run.json's `distributed` says of it."""
         return {"per_device_train_batch_size": self.rows, "gradient_accumulation_steps": self.accumulation,
                 "use_gradient_checkpointing": self.gradient_checkpointing,
-                "attention": "SDPA without cuDNN" if self.flash_attention else "default"}
+                "attention": "SDPA without cuDNN" if self.flash_attention else "default",
+                "layers_kept_un_checkpointed": "as many as fit, per micro-batch" if self.keep_layers else "none"}
 
 
 def micro_batch_rows(step_rows: int, recipe_rows: int, row_tokens: int, token_budget: int | None) -> int:
@@ -104,12 +118,113 @@ def plan(config, per_device: int, accumulation: int, model, longest_row: int) ->
         per_token = BYTES_PER_TOKEN_AND_WIDTH * (text_config.hidden_size + text_config.intermediate_size)
         resident = RESIDENT_MARGIN * text_config.num_hidden_layers * text_config.hidden_size * 2
         rows = micro_batch_rows(step_rows, per_device, longest_row, max(0, int(free / per_token)))
-        chosen = Plan(rows, step_rows // rows, resident_checkpoints=rows * longest_row * (per_token + resident) <= free,
-                      flash_attention=True)
+        resident_checkpoints = rows * longest_row * (per_token + resident) <= free
+        chosen = Plan(rows, step_rows // rows, resident_checkpoints=resident_checkpoints, flash_attention=True,
+                      keep_layers=resident_checkpoints)
     log.info("micro_batching='auto': %d rows per step as %d x %d (recipe %d x %d; longest row %d tokens; "
              "GPU memory free for activations %s): %s", step_rows, chosen.rows, chosen.accumulation, per_device,
              accumulation, longest_row, "unlimited" if free is None else f"{free / 2**30:.1f} GiB", chosen.record())
     return chosen
+
+
+class KeptLayers:
+    """Per training micro-batch, how many decoder layers run without gradient checkpointing: their activations stay
+    on the GPU for the backward instead of being recomputed from the layer's input. As many as fit: the memory
+    limit, less a margin, what is allocated when the micro-batch starts, the trainable parameters' gradients and
+    what the micro-batch takes besides kept layers (measured on the first one, which keeps none), over a kept layer's
+    cost (KEPT_LAYER_BYTES_PER_TOKEN_AND_WIDTH) at the micro-batch's length. Installed as a forward pre-hook of the
+    model; `counts` holds each training micro-batch's number."""
+
+    def __init__(self, layers: list, limit, allocated, peak, gradient_bytes: int, layer_bytes_per_token: float):
+        self.layers = layers
+        self.limit, self.allocated, self.peak = limit, allocated, peak  # () -> bytes
+        self.gradient_bytes = gradient_bytes
+        self.layer_bytes_per_token = layer_bytes_per_token
+        self.other_bytes_per_token: float | None = None  # learned from the first micro-batch
+        self.first: tuple[int, int] | None = None  # (tokens, allocated at its start) of the first micro-batch
+        self.counts: list[int] = []
+        self.handle = None
+
+    @classmethod
+    def install(cls, model, config) -> KeptLayers | None:
+        """A KeptLayers for model on its CUDA GPU (None where gradient checkpointing has no layers to leave out,
+        and in a multi-process run, whose processes could decide differently), hooked into its forward."""
+        import torch
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        from helpers.environment import gpu_total_gib
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if not layers or distributed or not torch.cuda.is_available():
+            return None
+        cap = min(config.max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
+
+        def limit() -> float:  # the cap, or less where the GPU holds memory outside PyTorch (CUDA context, others)
+            return min(cap, torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
+
+        text_config = model.config.get_text_config()
+        keeper = cls(layers, limit, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated,
+                     sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                     KEPT_LAYER_BYTES_PER_TOKEN_AND_WIDTH * (text_config.hidden_size + text_config.intermediate_size))
+        keeper.handle = model.register_forward_pre_hook(keeper.before_forward, with_kwargs=True)
+        return keeper
+
+    def count(self, tokens: int, allocated: float) -> int:
+        """Layers to keep for a micro-batch of tokens positions starting with allocated bytes in use."""
+        if self.other_bytes_per_token is None:
+            return 0
+        room = (self.limit() - KEEP_MARGIN_BYTES - allocated - self.gradient_bytes
+                - tokens * self.other_bytes_per_token)
+        return max(0, min(len(self.layers), int(room // (tokens * self.layer_bytes_per_token))))
+
+    def before_forward(self, module, args, kwargs) -> None:
+        """The hook: set each layer's gradient checkpointing for the micro-batch about to run (training only)."""
+        import torch
+
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if not module.training or not torch.is_grad_enabled() or ids is None:
+            return
+        tokens = ids.shape[0] * ids.shape[1]
+        if self.first is not None and self.other_bytes_per_token is None:  # the first micro-batch has run
+            first_tokens, started = self.first
+            used = self.peak() - started - self.gradient_bytes
+            self.other_bytes_per_token = max(0.0, used / first_tokens)
+        allocated = self.allocated()
+        if self.first is None:
+            self.first = (tokens, allocated)
+        kept = self.count(tokens, allocated)
+        for index, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = index >= kept
+        self.counts.append(kept)
+
+    def remove(self) -> None:
+        """Unhook; every layer checkpointed again."""
+        self.handle.remove()
+        for layer in self.layers:
+            layer.gradient_checkpointing = True
+
+    def record(self) -> dict:
+        """What run.json's `distributed` says of the layers kept per micro-batch."""
+        counts = self.counts or [0]
+        return {"layers": len(self.layers), "micro_batches": len(self.counts), "min": min(counts),
+                "mean": round(sum(counts) / len(counts), 1), "max": max(counts)}
+
+
+@contextlib.contextmanager
+def training(chosen: Plan, model, config):
+    """Training computed as the plan says: its attention kernels and, with keep_layers, the decoder layers kept
+    un-checkpointed per micro-batch. Yields the KeptLayers in effect, or None."""
+    keeper = KeptLayers.install(model, config) if chosen.keep_layers else None
+    try:
+        with attention(chosen):
+            yield keeper
+    finally:
+        if keeper is not None:
+            keeper.remove()
 
 
 @contextlib.contextmanager

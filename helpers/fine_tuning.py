@@ -89,13 +89,14 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     if dpo:
         update_run_record(config.run_dir, stage="dpo", reference=preference.reference_in_use(trainer))
     # Train and record.
-    with batching.attention(computed):
+    with batching.training(computed, model, config) as kept:
         metrics = train_and_record(trainer, model, tokenizer, config)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None or dpo:
         return metrics
     update_run_record(config.run_dir, distributed={
         "num_processes": state.num_processes, "micro_batching": config.micro_batching, **computed.record(),
+        **({"layers_kept_per_micro_batch": kept.record()} if kept else {}),
         "global_batch": computed.rows * computed.accumulation * state.num_processes,
         "peak_memory_per_process": peaks})
     return metrics

@@ -78,9 +78,10 @@ def runs(prepared):
                                          gradient_accumulation_steps=computed.accumulation)
         trainer = trainers.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
-        with batching.attention(computed):
+        with batching.training(computed, model, mode_config) as kept:
             trainer.train()
         results[mode] = {"plan": computed, "loaded": loaded, "log": training_log(trainer.state.log_history),
+                         "kept": kept.record() if kept else None,
                          "fp16": trainer.args.fp16, "scaler": trainer.accelerator.scaler is not None,
                          "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
         del trainer, model, trainable
@@ -92,6 +93,7 @@ def runs(prepared):
                    for column in ("loss", "grad_norm")}
     report = {"steps": STEPS, "longest_row": longest, "plans": {m: r["plan"].record() for m, r in results.items()},
               "peak_reserved_gib": {m: round(r["peak_reserved_gib"], 2) for m, r in results.items()},
+              "layers_kept_un_checkpointed": {m: r["kept"] for m, r in results.items()},
               "max_relative_difference": {c: max(d, default=None) for c, d in differences.items()},
               "first_step_relative_difference": {c: d[0] if d else None for c, d in differences.items()},
               "losses": {m: [row["loss"] for row in r["log"]] for m, r in results.items()},
@@ -99,7 +101,8 @@ def runs(prepared):
     if os.environ.get("KIT_GPU_REPORT"):
         with open(os.environ["KIT_GPU_REPORT"], "w") as handle:
             json.dump(report, handle, indent=2)
-    print(json.dumps({k: report[k] for k in ("plans", "peak_reserved_gib", "max_relative_difference",
+    print(json.dumps({k: report[k] for k in ("plans", "peak_reserved_gib", "layers_kept_un_checkpointed",
+                                             "max_relative_difference",
                                              "first_step_relative_difference")}))
     return results
 
@@ -114,7 +117,8 @@ def test_auto_computes_the_step_as_one_micro_batch_on_the_gpu_under_the_cap(runs
     from helpers.batching import Plan
 
     assert runs["recipe"]["plan"] == Plan(2, 4, resident_checkpoints=False, flash_attention=False)
-    assert runs["auto"]["plan"] == Plan(8, 1, resident_checkpoints=True, flash_attention=True)
+    assert runs["auto"]["plan"] == Plan(8, 1, resident_checkpoints=True, flash_attention=True, keep_layers=True)
+    assert runs["recipe"]["kept"] is None and runs["auto"]["kept"]["max"] > 0  # layers kept un-checkpointed
 
 
 def test_auto_trains_the_recipe_step_for_step_in_fp16(runs):

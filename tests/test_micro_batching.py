@@ -41,6 +41,7 @@ def test_auto_plans_micro_batches_and_checkpoints_by_the_gpu_memory_left(monkeyp
     computed = batching.plan(RunConfig(), 2, 4, _Shape8B(), longest)
     assert (computed.rows, computed.accumulation, computed.resident_checkpoints) == expected
     assert computed.flash_attention and computed.gradient_checkpointing == (True if expected[2] else "unsloth")
+    assert computed.keep_layers == expected[2]  # layers kept un-checkpointed only beside checkpoints on the GPU
 
 
 def test_recipe_and_the_cpu_compute_as_the_tutorial_does(monkeypatch):
@@ -50,6 +51,107 @@ def test_recipe_and_the_cpu_compute_as_the_tutorial_does(monkeypatch):
     assert batching.plan(RunConfig(), 2, 4, _Shape8B(), 2048) == batching.Plan(8, 1)
     assert batching.plan(RunConfig(micro_batching="recipe"), 2, 4, _Shape8B(), 167) == batching.Plan(2, 4)
     assert batching.Plan(2, 4).gradient_checkpointing == "unsloth"
+
+
+GIB = 2**30
+
+
+class _Layer:
+    gradient_checkpointing = True
+
+
+class _Forward:
+    """What the hook reads of a forward call: the module's training flag and the input ids' shape."""
+
+    training = True
+
+    def __init__(self, keeper):
+        self.keeper = keeper
+
+    def __call__(self, tokens: int, rows: int = 1) -> int:
+        import torch
+
+        self.keeper.before_forward(self, (), {"input_ids": torch.zeros(rows, tokens // rows, dtype=torch.long)})
+        return self.keeper.counts[-1] if self.keeper.counts else None
+
+
+def _keeper(peak_gib: float):
+    """32 layers, a 15 GiB limit with 7 GiB allocated at every micro-batch's start, 0.5 GiB of gradients, 128 KiB a
+    token for a kept layer; the first micro-batch peaked at peak_gib."""
+    from helpers.batching import KeptLayers
+
+    return KeptLayers([_Layer() for _ in range(32)], lambda: 15 * GIB, lambda: 7 * GIB, lambda: peak_gib * GIB,
+                      GIB // 2, 128 * 2**10)
+
+
+def test_kept_layers_are_as_many_as_the_memory_left_holds():
+    # first micro-batch (2,048 tokens, all checkpointed): peak 7.75 GiB = start 7 + gradients 0.5 + 0.25 for the
+    # rest, i.e. 0.25 GiB / 2,048 tokens besides kept layers. A later 2,048-token micro-batch: room 15 - 1 (margin) -
+    # 7 - 0.5 - 0.25 = 6.25 GiB over 2,048 x 128 KiB = 0.25 GiB a layer: 25 layers.
+    forward = _Forward(_keeper(peak_gib=7.75))
+    assert forward(2048) == 0
+    assert forward(2048) == 25
+    assert [layer.gradient_checkpointing for layer in forward.keeper.layers] == [False] * 25 + [True] * 7
+    # 4,096 tokens: 15 - 1 - 7 - 0.5 - 0.5 = 6 GiB over 0.5 GiB a layer; 512 tokens: all 32 fit; 32,768: 2.5 GiB
+    # over 4 GiB a layer, none
+    assert forward(4096, rows=8) == 12
+    assert forward(512) == 32
+    assert forward(32768) == 0
+    assert all(layer.gradient_checkpointing for layer in forward.keeper.layers)
+    assert forward.keeper.record() == {"layers": 32, "micro_batches": 5, "min": 0, "mean": 13.8, "max": 32}
+    forward.keeper.handle = type("Handle", (), {"remove": lambda self: None})()
+    forward(2048)
+    forward.keeper.remove()
+    assert all(layer.gradient_checkpointing for layer in forward.keeper.layers)
+
+
+def test_kept_layers_leave_evaluation_and_the_first_step_alone():
+    forward = _Forward(_keeper(peak_gib=14.5))  # a first micro-batch that took almost everything: nothing to keep
+    forward.training = False
+    assert forward(2048) is None and forward.keeper.first is None  # evaluation: no count, nothing measured
+    forward.training = True
+    assert [forward(2048), forward(2048)] == [0, 0]
+
+
+def test_kept_layers_run_once_and_give_the_checkpointed_gradients(tmp_path):
+    """On the tiny model with LoRA and gradient checkpointing (unsloth, CPU): a layer kept runs its forward once per
+    micro-batch, a checkpointed one twice (the recompute in the backward), and the gradients are the same."""
+    import torch
+
+    import helpers.stack  # noqa: F401
+    from helpers import modeling
+    from helpers.batching import KeptLayers
+    from helpers.local_models import build_tiny_model
+
+    config = RunConfig(model_name=str(build_tiny_model(tmp_path / "tiny")), load_in_4bit=False, precision="fp32",
+                       max_seq_length=64, lora_r=4, lora_alpha=8, run_dir=str(tmp_path / "run"))
+    model = modeling.add_lora(modeling.load_base_model(config, "fp32")[0], config, True)
+    model.train()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
+    # nothing used by the first micro-batch; a kept layer takes 1 MiB at 32 tokens; room beside the margin for all
+    # layers but one
+    keeper = KeptLayers(layers, lambda: (len(layers) - 1) * 2**20 + 2**30, lambda: 0, lambda: 0, 0, 2**20 / 32)
+    keeper.handle = model.register_forward_pre_hook(keeper.before_forward, with_kwargs=True)
+    ids = torch.randint(5, 100, (1, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(2):
+        calls[:] = [0] * len(layers)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+        if len(grads) == 1:
+            assert calls == [2] * len(layers)  # first micro-batch: every layer checkpointed, recomputed
+    keeper.remove()
+    assert keeper.counts == [0, len(layers) - 1]
+    assert calls == [1] * (len(layers) - 1) + [2]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7 * grad.abs().max().item(), msg=name)
 
 
 def test_micro_batching_is_validated():

@@ -35,7 +35,8 @@ def test_accelerate_launch_runs_the_entry_point_single_process(tiny_run, tmp_pat
     # (on the CPU nothing is offloaded and no cuDNN runs: the checkpointing and attention stay the recipe's)
     assert record["distributed"] == {"num_processes": 1, "micro_batching": "auto", "per_device_train_batch_size": 8,
                                      "gradient_accumulation_steps": 1, "use_gradient_checkpointing": "unsloth",
-                                     "attention": "default", "global_batch": 8}
+                                     "attention": "default", "layers_kept_un_checkpointed": "none",
+                                     "global_batch": 8}
     assert len(peaks) == 1 and peaks[0]["peak_rss_gib"] > 0
     assert record["metrics"]["steady_tokens_per_s"] > 0 and record["metrics"]["steady_s_per_step"] > 0
     assert (run_dir / "adapter/adapter_model.safetensors").is_file() and (run_dir / "loss.png").is_file()
