@@ -2,7 +2,7 @@
 # On a CUDA machine without the Hub, in one go on one GPU, nothing else running on it: the speed table
 # (bench/speed.py: tutorial, fast default, packed 8k, plain transformers + peft + bitsandbytes, each in its own
 # process; CONFIGS names others), then the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap, the fast
-# default trained step for step against the recipe), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
+# default trained step for step against the recipe; GPU_TESTS_S=0 leaves them out), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
 # shipped and with its backward patched: bench/speed.py LONGEST_MODES). The model: the random-init 8B shape saved
 # pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
 # --prequantized).
@@ -19,8 +19,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 UNSLOTH_DIS
 "$PY" -m helpers.local_models "$MODEL" --shape llama-8b --prequantized > "$OUT/build.txt" 2>&1
 timeout "${SPEED_S:-420}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 8 --warmup 3 \
   ${CONFIGS:+--configs $CONFIGS} --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
-KIT_GPU_MODEL="$MODEL" KIT_GPU_REPORT="$OUT/gpu_equality.json" timeout "${GPU_TESTS_S:-200}" \
-  "$PY" -m pytest -m gpu -v -s -p no:cacheprovider 2>&1 | grep -v "it/s" > "$OUT/pytest_gpu.txt"
+if [ "${GPU_TESTS_S:-200}" -gt 0 ]; then
+  KIT_GPU_MODEL="$MODEL" KIT_GPU_REPORT="$OUT/gpu_equality.json" timeout "${GPU_TESTS_S:-200}" \
+    "$PY" -m pytest -m gpu -v -s -p no:cacheprovider 2>&1 | grep -v "it/s" > "$OUT/pytest_gpu.txt"
+fi
 if [ "${LONGEST_S:-0}" -gt 0 ]; then
   timeout "$LONGEST_S" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/longest.json" --configs \
     --longest ${LONGEST:-40960 49152 57344 65536} --longest-modes tiled tiled-patched --job-timeout 200 \
