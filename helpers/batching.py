@@ -136,7 +136,8 @@ class KeptLayers:
     model; `counts` holds each training micro-batch's number."""
 
     def __init__(self, layers: list, limit, allocated, peak, gradient_bytes: int, layer_bytes_per_token: float):
-        self.layers = layers
+        self.layers = layers  # the model's decoder layers; from the first training micro-batch, those checkpointed
+        self.armed = False  # layers narrowed to those the trainer left checkpointing (it arms them when it starts)
         self.limit, self.allocated, self.peak = limit, allocated, peak  # () -> bytes
         self.gradient_bytes = gradient_bytes
         self.layer_bytes_per_token = layer_bytes_per_token
@@ -154,7 +155,7 @@ class KeptLayers:
 
         from helpers.environment import gpu_total_gib
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         if not layers or distributed or not torch.cuda.is_available():
@@ -188,6 +189,10 @@ class KeptLayers:
             ids = kwargs.get("inputs_embeds")
         if not module.training or not torch.is_grad_enabled() or ids is None:
             return
+        if not self.armed:
+            self.layers, self.armed = [layer for layer in self.layers if layer.gradient_checkpointing], True
+            log.info("micro_batching='auto': of %d decoder layers checkpointed, as many as fit kept un-checkpointed "
+                     "per micro-batch from the second", len(self.layers))
         tokens = ids.shape[0] * ids.shape[1]
         if self.first is not None and self.other_bytes_per_token is None:  # the first micro-batch has run
             first_tokens, started = self.first
@@ -202,7 +207,7 @@ class KeptLayers:
         self.counts.append(kept)
 
     def remove(self) -> None:
-        """Unhook; every layer checkpointed again."""
+        """Unhook; every layer that was checkpointed checkpointed again."""
         self.handle.remove()
         for layer in self.layers:
             layer.gradient_checkpointing = True

@@ -57,7 +57,8 @@ GIB = 2**30
 
 
 class _Layer:
-    gradient_checkpointing = True
+    def __init__(self, checkpointed: bool = True):
+        self.gradient_checkpointing = checkpointed
 
 
 class _Forward:
@@ -80,8 +81,8 @@ def _keeper(peak_gib: float):
     token for a kept layer; the first micro-batch peaked at peak_gib."""
     from helpers.batching import KeptLayers
 
-    return KeptLayers([_Layer() for _ in range(32)], lambda: 15 * GIB, lambda: 7 * GIB, lambda: peak_gib * GIB,
-                      GIB // 2, 128 * 2**10)
+    return KeptLayers([_Layer() for _ in range(32)] + [_Layer(checkpointed=False)], lambda: 15 * GIB, lambda: 7 * GIB,
+                      lambda: peak_gib * GIB, GIB // 2, 128 * 2**10)  # one more layer, not checkpointed: left alone
 
 
 def test_kept_layers_are_as_many_as_the_memory_left_holds():
@@ -89,6 +90,7 @@ def test_kept_layers_are_as_many_as_the_memory_left_holds():
     # rest, i.e. 0.25 GiB / 2,048 tokens besides kept layers. A later 2,048-token micro-batch: room 15 - 1 (margin) -
     # 7 - 0.5 - 0.25 = 6.25 GiB over 2,048 x 128 KiB = 0.25 GiB a layer: 25 layers.
     forward = _Forward(_keeper(peak_gib=7.75))
+    unarmed = forward.keeper.layers[-1]
     assert forward(2048) == 0
     assert forward(2048) == 25
     assert [layer.gradient_checkpointing for layer in forward.keeper.layers] == [False] * 25 + [True] * 7
@@ -103,6 +105,7 @@ def test_kept_layers_are_as_many_as_the_memory_left_holds():
     forward(2048)
     forward.keeper.remove()
     assert all(layer.gradient_checkpointing for layer in forward.keeper.layers)
+    assert unarmed not in forward.keeper.layers and unarmed.gradient_checkpointing is False
 
 
 def test_kept_layers_leave_evaluation_and_the_first_step_alone():
