@@ -88,17 +88,22 @@ def lora_parameters(model, config) -> int:
                if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"))
 
 
+def gpu_cap_bytes(config) -> float:
+    """The GPU memory training may use: max_gpu_memory_gib, or the card's memory where that is 0 or more."""
+    from helpers.environment import gpu_total_gib
+
+    return min(config.max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
+
+
 def free_gpu_bytes(model, config) -> float | None:
     """GPU memory left for activations beside the loaded model and its adapter's gradient and optimizer state,
-    under max_gpu_memory_gib (0: the whole card); None on the CPU (no limit)."""
+    under gpu_cap_bytes; None on the CPU (no limit)."""
     import torch
-
-    from helpers.environment import gpu_total_gib
 
     if not torch.cuda.is_available():
         return None
-    cap = min(config.max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
-    return cap - torch.cuda.memory_allocated() - lora_parameters(model, config) * BYTES_PER_TRAINABLE_PARAMETER
+    return (gpu_cap_bytes(config) - torch.cuda.memory_allocated()
+            - lora_parameters(model, config) * BYTES_PER_TRAINABLE_PARAMETER)
 
 
 def plan(config, per_device: int, accumulation: int, model, longest_row: int) -> Plan:
@@ -153,14 +158,12 @@ class KeptLayers:
         import torch
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        from helpers.environment import gpu_total_gib
-
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         if not layers or distributed or not torch.cuda.is_available():
             return None
-        cap = min(config.max_gpu_memory_gib or gpu_total_gib(), gpu_total_gib()) * 2**30
+        cap = gpu_cap_bytes(config)
 
         def limit() -> float:  # the cap, or less where the GPU holds memory outside PyTorch (CUDA context, others)
             return min(cap, torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
@@ -209,7 +212,7 @@ class KeptLayers:
     def remove(self) -> None:
         """Unhook; every layer that was checkpointed checkpointed again."""
         self.handle.remove()
-        for layer in self.layers:
+        for layer in self.layers if self.armed else []:
             layer.gradient_checkpointing = True
 
     def record(self) -> dict:
