@@ -132,6 +132,14 @@ def plan(config, per_device: int, accumulation: int, model, longest_row: int) ->
     return chosen
 
 
+def decoder_layers(model) -> list:
+    """The model's layers that gradient checkpointing can leave out one by one (transformers'
+    GradientCheckpointingLayer: each decoder layer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 class KeptLayers:
     """Per training micro-batch, how many decoder layers run without gradient checkpointing: their activations stay
     on the GPU for the backward instead of being recomputed from the layer's input. As many as fit: the memory
@@ -156,9 +164,8 @@ class KeptLayers:
         """A KeptLayers for model on its CUDA GPU (None where gradient checkpointing has no layers to leave out,
         and in a multi-process run, whose processes could decide differently), hooked into its forward."""
         import torch
-        from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        layers = decoder_layers(model)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         if not layers or distributed or not torch.cuda.is_available():

@@ -123,16 +123,14 @@ def test_kept_layers_run_once_and_give_the_checkpointed_gradients(tmp_path):
 
     import helpers.stack  # noqa: F401
     from helpers import modeling
-    from helpers.batching import KeptLayers
+    from helpers.batching import KeptLayers, decoder_layers
     from helpers.local_models import build_tiny_model
 
     config = RunConfig(model_name=str(build_tiny_model(tmp_path / "tiny")), load_in_4bit=False, precision="fp32",
                        max_seq_length=64, lora_r=4, lora_alpha=8, run_dir=str(tmp_path / "run"))
     model = modeling.add_lora(modeling.load_base_model(config, "fp32")[0], config, True)
     model.train()
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     assert layers and all(layer.gradient_checkpointing for layer in layers)
     calls = [0] * len(layers)
     for index, layer in enumerate(layers):
