@@ -2,8 +2,9 @@
 # On a CUDA machine without the Hub, in one go on one GPU, nothing else running on it: the speed table
 # (bench/speed.py: tutorial, fast default, packed 8k, plain transformers + peft + bitsandbytes, each in its own
 # process; CONFIGS names others), then the GPU tests (`pytest -m gpu`: 4-bit load, fp16, the 15 GiB cap, the fast
-# default trained step for step against the recipe; GPU_TESTS_S=0 leaves them out), then, where LONGEST_S is set, the longest row under the cap (unsloth's tiled MLP, as
-# shipped and with its backward patched: bench/speed.py LONGEST_MODES). The model: the random-init 8B shape saved
+# default trained step for step against the recipe; GPU_TESTS_S=0 leaves them out), then, where LONGEST_S is set,
+# the longest row under the cap (unsloth's tiled MLP, as shipped and with its backward patched: bench/speed.py
+# LONGEST_MODES). The model: the random-init 8B shape saved
 # pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
 # --prequantized).
 # Everything lands in $OUT (default outputs/gpu-speed): speed.txt, speed.json, pytest_gpu.txt, gpu_equality.json,
