@@ -12,7 +12,7 @@ RUN=${1:-outputs/gpu-colab-t4}
 MODEL=unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 T4="-p precision fp16 -p max_gpu_memory_gib 15"
-python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized --sixteen-bit unsloth/DeepSeek-R1-Distill-Llama-8B
+python3 bench/standin.py "$MODEL" --sixteen-bit unsloth/DeepSeek-R1-Distill-Llama-8B
 # shellcheck disable=SC2086
 python3 -m helpers.pipeline --profile colab_t4 --notebooks colab_end_to_end -p model_name "$MODEL" $T4 \
   -p dataset helpers/data/sample_dpo.jsonl -p max_steps 10 -p eval_steps 5 -p max_new_tokens 48 -p run_dir "$RUN" \

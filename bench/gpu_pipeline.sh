@@ -7,6 +7,6 @@
 set -euo pipefail
 MODEL=${1:-outputs/_models/llama8b-bnb-4bit}
 RUN=${2:-outputs/gpu-t4-standin}
-python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized
+python3 bench/standin.py "$MODEL"
 python3 -m helpers.pipeline --profile colab_t4 -p model_name "$MODEL" -p dataset helpers/data/sample_dpo.jsonl \
   -p max_steps 10 -p precision fp16 -p max_gpu_memory_gib 15 -p run_dir "$RUN" -p max_new_tokens 32

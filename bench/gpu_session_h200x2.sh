@@ -15,7 +15,7 @@ rm -f "$LOGS/DONE"
   date -u +"start %FT%TZ: $PHASES"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   if [[ $PHASES == *build* ]]; then
-    python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized \
+    python3 bench/standin.py "$MODEL" \
       --sixteen-bit unsloth/DeepSeek-R1-Distill-Llama-8B > "$LOGS/build.log" 2>&1
     echo "build exit $?"; du -sh "$MODEL"; date -u +"%T built"
   fi

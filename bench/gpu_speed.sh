@@ -5,7 +5,7 @@
 # default trained step for step against the recipe; GPU_TESTS_S=0 leaves them out), then, where LONGEST_S is set,
 # the longest row under the cap (unsloth's tiled MLP, as shipped and with its backward patched: bench/speed.py
 # LONGEST_MODES). The model: the random-init 8B shape saved
-# pre-quantized in 4-bit in $1 (built there first if missing: python -m helpers.local_models DIR --shape llama-8b
+# pre-quantized in 4-bit in $1 (built there first if missing: python bench/standin.py DIR
 # --prequantized).
 # Everything lands in $OUT (default outputs/gpu-speed): speed.txt, speed.json, pytest_gpu.txt, gpu_equality.json,
 # longest.txt, longest.json. About 7 minutes on an H200 without the longest row; each part time-boxed so that a slow
@@ -17,7 +17,7 @@ OUT=${OUT:-outputs/gpu-speed}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-"$PY" -m helpers.local_models "$MODEL" --shape llama-8b --prequantized > "$OUT/build.txt" 2>&1
+"$PY" bench/standin.py "$MODEL" > "$OUT/build.txt" 2>&1
 timeout "${SPEED_S:-420}" "$PY" bench/speed.py --model "$MODEL" --out "$OUT/speed.json" --steps 8 --warmup 3 \
   ${CONFIGS:+--configs $CONFIGS} --longest --job-timeout 200 > "$OUT/speed.txt" 2>&1
 if [ "${GPU_TESTS_S:-200}" -gt 0 ]; then

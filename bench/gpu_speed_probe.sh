@@ -9,7 +9,7 @@ MODEL=${1:?usage: bash bench/gpu_speed_probe.sh MODEL_DIR}
 OUT=${OUT:-outputs/gpu-probe}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-python3 -m helpers.local_models "$MODEL" --shape llama-8b --prequantized > "$OUT/build.txt" 2>&1
+python3 bench/standin.py "$MODEL" > "$OUT/build.txt" 2>&1
 timeout "${PROBE_S:-480}" python3 bench/speed.py --model "$MODEL" --out "$OUT/steps.json" \
   --configs ${CONFIGS:-fast fast-padded fast-one-sdpa fast-padded-eager fast} --steps 8 --warmup 3 --longest \
   --job-timeout 110 > "$OUT/steps.txt" 2>&1

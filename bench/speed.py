@@ -410,8 +410,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model directory (the 8B shape: python -m helpers.local_models DIR "
-                                        "--shape llama-8b)")
+    parser.add_argument("--model", help="model directory (the 8B stand-in: python bench/standin.py DIR)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per configuration")

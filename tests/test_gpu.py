@@ -1,6 +1,6 @@
 """On a CUDA GPU, the T4 path on the 8B-shaped model: 4-bit load, fp16, the 15 GiB cap, and the fast default
 (micro_batching="auto") training the recipe step for step. The model directory comes from KIT_GPU_MODEL
-(`python -m helpers.local_models DIR --shape llama-8b` builds the random-init 8B shape); KIT_GPU_REPORT, when set,
+(`python bench/standin.py DIR` builds the random-init 8B shape); KIT_GPU_REPORT, when set,
 names a JSON file that receives the measured differences. About 2-3 minutes on an H200 (2 x (a model load, 20 steps)).
 
     KIT_GPU_MODEL=/dev/shm/llama8b python -m pytest -m gpu
@@ -19,7 +19,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(not os.environ.get("KIT_GPU_MODEL"), reason="set KIT_GPU_MODEL to a model directory "
-                                 "(python -m helpers.local_models DIR --shape llama-8b)")]
+                                 "(python bench/standin.py DIR)")]
 
 CAP_GIB = 15.0  # a Colab T4
 STEPS = 20
@@ -45,8 +45,7 @@ def prepared(tmp_path_factory):
                                   "save_steps": 1000, "run_dir": str(tmp_path_factory.mktemp("gpu-run"))})
     cap_gpu_memory(CAP_GIB)
     tokenizer = modeling.load_tokenizer(config)
-    train_set = data.to_training_set(data.load_checked_rows(config), config, tokenizer)
-    return config, train_set, data.longest_row_tokens(train_set, tokenizer, config)
+    return (config, *data.training_set(data.load_checked_rows(config), config, tokenizer))
 
 
 @pytest.fixture(scope="module")
