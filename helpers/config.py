@@ -92,6 +92,7 @@ class RunConfig:
     # evaluation
     eval_fraction: float = 0.05
     eval_steps: int = 20
+    training_eval_rows: int | None = None
     max_eval_rows: int = 200
     # inference
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
@@ -123,6 +124,10 @@ class RunConfig:
                      "gradient_accumulation_steps", "logging_steps", "max_new_tokens", "save_steps",
                      "save_total_limit", "eval_steps", "max_eval_rows", "num_processes"):
             _require(name, getattr(self, name), getattr(self, name) > 0, "a positive integer")
+        if self.training_eval_rows is not None:
+            _require("training_eval_rows", self.training_eval_rows, self.training_eval_rows >= 0,
+                     "zero (no held-out loss while training), a positive integer, or None (about a tenth of the "
+                     "training time)")
         if self.max_steps is not None:
             _require("max_steps", self.max_steps, self.max_steps > 0, "a positive integer, or None to train by epochs")
         _require("num_train_epochs", self.num_train_epochs, self.num_train_epochs > 0, "a positive number")

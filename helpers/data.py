@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,17 +148,26 @@ def from_conversations(rows: list[dict[str, Any]], config, source: str) -> list[
     return mapped
 
 
-def load_checked_rows(config, preference: bool = False) -> list[dict[str, Any]]:
+class CheckedRows(list):
+    """The dataset's rows as load_checked_rows returns them, with the seconds loading and checking them took."""
+
+    seconds: float = 0.0
+
+
+def load_checked_rows(config, preference: bool = False) -> CheckedRows:
     """The configured dataset's rows (conversations mapped to prompt/response), checked for the fields the
     config uses, before any model loads. For preference tuning the rejected answers are checked too, and a row
     whose two answers are the same (it would teach nothing) is an error."""
+    started = time.perf_counter()
     rows = from_conversations(load_rows(config.dataset, config.dataset_split), config, config.dataset)
     fields = {"prompt_field": config.prompt_field, "response_field": config.response_field}
     check_rows(rows, {**fields, "rejected_field": config.rejected_field} if preference else fields, config.dataset)
     if preference:
         _refuse_identical_answers(rows, config)
     log.info("loaded %d rows from %s", len(rows), config.dataset)
-    return rows
+    checked = CheckedRows(rows)
+    checked.seconds = time.perf_counter() - started
+    return checked
 
 
 def _refuse_identical_answers(rows: list[dict[str, Any]], config) -> None:
@@ -168,12 +180,32 @@ def _refuse_identical_answers(rows: list[dict[str, Any]], config) -> None:
                          "answers: fix or remove them")
 
 
-def hold_out(rows: list[dict[str, Any]], config,
-             write: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training rows, held-out rows): a seeded eval_fraction of the rows, never trained on, recorded in
-    run_dir/split.json (when `write`: by the main process only) so that evaluation scores exactly those rows."""
-    import random
+# What the in-training evaluation may cost, at most: a share of the training time between two evaluations. A
+# training row costs about three forward passes (the forward and the backward; gradient checkpointing adds a fourth,
+# left out to stay under the share), a held-out row one.
+TRAINING_EVAL_SHARE = 0.1
+FORWARDS_PER_TRAINING_ROW = 3
 
+
+def training_eval_count(config, held_out: int) -> int:
+    """How many held-out rows the trainer scores every eval_steps: training_eval_rows, or by default as many as cost
+    TRAINING_EVAL_SHARE of the eval_steps training steps before each evaluation; never more than are held out."""
+    if config.training_eval_rows is not None:
+        return min(config.training_eval_rows, held_out)
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return min(held_out, math.ceil(TRAINING_EVAL_SHARE * config.eval_steps * rows_per_step * FORWARDS_PER_TRAINING_ROW))
+
+
+def training_eval_indices(held: list[int], config) -> list[int]:
+    """The fixed, seeded subset of the held-out row indices that the trainer scores every eval_steps."""
+    return sorted(random.Random(config.seed).sample(held, training_eval_count(config, len(held))))
+
+
+def hold_out(rows: list[dict[str, Any]], config,
+             write: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows, the held-out rows scored while training): a seeded eval_fraction of the rows,
+    never trained on, recorded in run_dir/split.json (when `write`: by the main process only) so that evaluation
+    scores exactly those rows, and the trainer the same subset of them each time."""
     from helpers.records import write_json
 
     count = round(len(rows) * config.eval_fraction)
@@ -182,17 +214,20 @@ def hold_out(rows: list[dict[str, Any]], config,
     held = sorted(random.Random(config.seed).sample(range(len(rows)), count))
     if count >= len(rows):
         raise ValueError(f"eval_fraction={config.eval_fraction} leaves no rows to train on ({len(rows)} rows)")
+    in_training = training_eval_indices(held, config)
     if write:
         write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
                                                          "rows": len(rows), "eval_fraction": config.eval_fraction,
-                                                         "seed": config.seed, "eval_indices": held})
-    return _partition(rows, held)
+                                                         "seed": config.seed, "eval_indices": held,
+                                                         "training_eval_indices": in_training})
+    return _partition(rows, held, in_training)
 
 
-def reuse_split(rows: list[dict[str, Any]], config,
-                source_run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training rows, held-out rows) as another run split them (its split.json, copied into run_dir), so that a
-    run continuing that one never trains on the rows it held out, and both are scored on the same rows."""
+def reuse_split(rows: list[dict[str, Any]], config, source_run_dir: str | Path
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows, the held-out rows scored while training) as another run split them (its
+    split.json, copied into run_dir), so that a run continuing that one never trains on the rows it held out, and both
+    are scored on the same rows. The subset scored while training is this run's own (its batch and eval_steps)."""
     from helpers.records import read_json, write_json
 
     path = Path(source_run_dir) / "split.json"
@@ -202,15 +237,18 @@ def reuse_split(rows: list[dict[str, Any]], config,
     if split["dataset"] != config.dataset or split["rows"] != len(rows):
         raise ValueError(f"{path} split dataset {split['dataset']!r} of {split['rows']} rows, but this run has "
                          f"{config.dataset!r} with {len(rows)} rows: the held-out rows cannot be found again")
-    write_json(Path(config.run_dir) / "split.json", {**split, "from_run": str(source_run_dir)})
-    return _partition(rows, split["eval_indices"])
+    in_training = training_eval_indices(split["eval_indices"], config)
+    write_json(Path(config.run_dir) / "split.json", {**split, "training_eval_indices": in_training,
+                                                     "from_run": str(source_run_dir)})
+    return _partition(rows, split["eval_indices"], in_training)
 
 
-def _partition(rows: list[dict[str, Any]],
-               held: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the rows not held out, the held-out rows in the order of `held`)."""
+def _partition(rows: list[dict[str, Any]], held: list[int], in_training: list[int]
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows not held out, the held-out rows in the order of `held`, the rows of `in_training`)."""
     chosen = set(held)
-    return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held]
+    return ([r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in held],
+            [rows[i] for i in in_training])
 
 
 def held_out_rows(config) -> list[dict[str, Any]]:
@@ -235,21 +273,19 @@ def to_training_set(rows: list[dict[str, Any]], config, tokenizer):
 
     Rows longer than max_seq_length tokens are counted and, by `long_rows`, kept to be truncated or dropped.
     """
+    return training_set(rows, config, tokenizer)[0]
+
+
+def training_set(rows: list[dict[str, Any]], config, tokenizer):
+    """(to_training_set's dataset, the tokens of its longest row as training sees it), the rows tokenized once: at
+    most max_seq_length; with packing, rows are joined into sequences of max_seq_length."""
     from datasets import Dataset
 
     prompts, (completions,) = _formatted(rows, config, tokenizer, (config.response_field,))
-    keep = _within_length(prompts, [completions], config, tokenizer)
-    return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
-
-
-def longest_row_tokens(train_set, tokenizer, config) -> int:
-    """Tokens of the longest row of a to_training_set dataset as training sees it (at most max_seq_length); with
-    packing, rows are joined into sequences of max_seq_length."""
-    if config.packing:
-        return config.max_seq_length
-    full = [p + c for p, c in zip(train_set["prompt"], train_set["completion"])]
-    longest = max(len(ids) for ids in tokenizer(full, add_special_tokens=True)["input_ids"])
-    return min(longest, config.max_seq_length)
+    keep, lengths = _within_length(prompts, [completions], config, tokenizer)
+    dataset = Dataset.from_dict({"prompt": [prompts[i] for i in keep], "completion": [completions[i] for i in keep]})
+    longest = config.max_seq_length if config.packing else min(max(lengths[i] for i in keep), config.max_seq_length)
+    return dataset, longest
 
 
 def to_preference_set(rows: list[dict[str, Any]], config, tokenizer):
@@ -259,7 +295,7 @@ def to_preference_set(rows: list[dict[str, Any]], config, tokenizer):
     from datasets import Dataset
 
     prompts, (chosen, rejected) = _formatted(rows, config, tokenizer, (config.response_field, config.rejected_field))
-    keep = _within_length(prompts, [chosen, rejected], config, tokenizer)
+    keep, _ = _within_length(prompts, [chosen, rejected], config, tokenizer)
     return Dataset.from_dict({"prompt": [prompts[i] for i in keep], "chosen": [chosen[i] for i in keep],
                               "rejected": [rejected[i] for i in keep]})
 
@@ -271,9 +307,10 @@ def _formatted(rows, config, tokenizer, answer_fields) -> tuple[list[str], list[
     return prompts, [[with_one_eos(row[field], tokenizer.eos_token) for row in rows] for field in answer_fields]
 
 
-def _within_length(prompts: list[str], answers: list[list[str]], config, tokenizer) -> list[int]:
-    """Indices of the rows to keep: all (long ones get truncated) or, with long_rows='drop', the short ones.
-    A row's length is that of its prompt with its longest answer."""
+def _within_length(prompts: list[str], answers: list[list[str]], config,
+                   tokenizer) -> tuple[list[int], list[int]]:
+    """(indices of the rows to keep, every row's tokens): all rows kept (long ones get truncated) or, with
+    long_rows='drop', the short ones. A row's length is that of its prompt with its longest answer."""
     lengths = [0] * len(prompts)
     for column in answers:
         full = [p + a for p, a in zip(prompts, column)]
@@ -288,4 +325,4 @@ def _within_length(prompts: list[str], answers: list[list[str]], config, tokeniz
     if not keep:
         raise ValueError(f"no rows left after dropping {len(long)} rows longer than max_seq_length="
                          f"{config.max_seq_length}; raise max_seq_length or set long_rows='truncate'")
-    return keep
+    return keep, lengths

@@ -59,9 +59,10 @@ def _encode(tokenizer, template: str, pairs: Sequence[tuple[str, str]],
 
 
 def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[Any, str]], batch_size: int = 8,
-                      progress: bool = True, max_length: int | None = None,
-                      system_prompt: str = "") -> list[tuple[float, int]]:
-    """(summed log-probability, token count) of each pair's response (EOS included) given its prompt, in input order."""
+                      progress: bool = True, max_length: int | None = None, system_prompt: str = "",
+                      batch_tokens: int | None = None) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each pair's response (EOS included) given its prompt, in input order.
+    Batches hold at most batch_size rows and, with batch_tokens, at most that many tokens (rows x the longest)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -86,8 +87,7 @@ def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[Any
     try:
         with torch.inference_mode(), tqdm(total=len(order), desc="scoring", unit="row",
                                           disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+            for batch in _batches(order, [len(ids) for ids, _ in encoded], batch_size, batch_tokens):
                 for index, score in zip(batch, _score_batch(model, [encoded[i] for i in batch], pad_id)):
                     scores[index] = score
                 bar.update(len(batch))
@@ -95,6 +95,20 @@ def response_logprobs(model, tokenizer, template: str, pairs: Sequence[tuple[Any
         model.train(was_training)
     by_key = dict(zip(unique_keys, scores))
     return [by_key[key] for key in keys]
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
+    """The rows of `order` (longest first) cut into batches of at most batch_size rows and, with batch_tokens, at
+    most that many tokens once padded to the batch's first (longest) row; never an empty batch."""
+    batches: list[list[int]] = []
+    for index in order:
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) == batch_size or (
+                batch_tokens is not None and (len(batch) + 1) * lengths[batch[0]] > batch_tokens):
+            batches.append([index])
+        else:
+            batch.append(index)
+    return batches
 
 
 def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int) -> list[tuple[float, int]]:
@@ -174,7 +188,7 @@ def preference_metrics(chosen_scores: Sequence[tuple[float, int]], rejected_scor
 def evaluate_model(model, tokenizer, template: str, rows: Sequence[dict[str, Any]], prompt_field: str,
                    response_field: str, rejected_field: str | None = None, max_rows: int | None = None,
                    batch_size: int = 8, max_length: int | None = None, progress: bool = True,
-                   system_prompt: str = "") -> dict[str, Any]:
+                   system_prompt: str = "", batch_tokens: int | None = None) -> dict[str, Any]:
     """Loss and perplexity on the responses; preference accuracy and margin against rejected ones when given."""
     rows = list(rows)[:max_rows] if max_rows is not None else list(rows)
     check_rows(rows, {"prompt_field": prompt_field, "response_field": response_field}, "evaluation rows")
@@ -191,7 +205,8 @@ def evaluate_model(model, tokenizer, template: str, rows: Sequence[dict[str, Any
     if note is None:
         pairs += [(row[prompt_field], row[rejected_field]) for row in rows]
     scores = response_logprobs(model, tokenizer, template, pairs, batch_size=batch_size, progress=progress,
-                               max_length=max_length, system_prompt=system_prompt)  # chosen, rejected: one pass
+                               max_length=max_length, system_prompt=system_prompt,
+                               batch_tokens=batch_tokens)  # chosen, rejected: one pass
     chosen = scores[:len(rows)]
     result: dict[str, Any] = loss_summary(chosen)
     if note is None:

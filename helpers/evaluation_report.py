@@ -6,8 +6,9 @@ from typing import Any
 
 from helpers.environment import peak_memory, reset_peak_memory
 from helpers.evaluation import evaluate_model
-from helpers.inference import generate
+from helpers.inference import generate_batch
 from helpers.records import atomic_write_text, save_figure, write_json
+from helpers.timing import recorded
 
 METRICS = ("loss", "perplexity", "preference_accuracy", "mean_margin")
 
@@ -26,14 +27,29 @@ def compared_runs(config) -> list[str]:
     return runs
 
 
+# Scoring batches: rows of similar length together (longest first), as many as fit this many tokens, at most
+# SCORING_ROWS of them. 8,192 tokens of a 128k vocabulary take 4 GiB of fp32 logits, beside an 8B model in 4-bit on
+# a T4.
+SCORING_TOKENS = 8192
+SCORING_ROWS = 64
+
+
+def scoring_batch_tokens(config) -> int:
+    """Tokens a scoring batch may hold: SCORING_TOKENS, or less where the training step held less (rows x
+    max_seq_length)."""
+    return min(SCORING_TOKENS, config.per_device_train_batch_size * config.gradient_accumulation_steps
+               * config.max_seq_length)
+
+
+@recorded("held-out rows scored")
 def evaluate_run(model, tokenizer, config, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Held-out metrics of the base model (adapter disabled, same weights), of each compared run (its adapter
     loaded beside this run's, the base weights shared) and of the tuned model."""
     rows = rows[: config.max_eval_rows]
     kwargs = dict(template=config.prompt_template, rows=rows, prompt_field=config.prompt_field,
                   response_field=config.response_field, rejected_field=config.rejected_field,
-                  batch_size=config.per_device_train_batch_size * 2, max_length=config.max_seq_length,
-                  system_prompt=config.system_prompt)
+                  batch_size=SCORING_ROWS, batch_tokens=scoring_batch_tokens(config),
+                  max_length=config.max_seq_length, system_prompt=config.system_prompt)
     reset_peak_memory()
     with model.disable_adapter():
         base = evaluate_model(model, tokenizer, **kwargs)
@@ -61,16 +77,14 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [("base", results["base"]), *zip(labels, [*results["compared"].values(), results["tuned"]])]
 
 
+@recorded("side-by-side answers")
 def side_by_side(model, tokenizer, config) -> list[dict[str, str]]:
-    """Greedy answers to each prompt from the base model and from the tuned model."""
-    answers = []
-    for prompt in config.prompts:
-        args = (prompt, config.prompt_template, config.max_new_tokens, 0.0)
-        with model.disable_adapter():
-            base = generate(model, tokenizer, *args, system_prompt=config.system_prompt)
-        answers.append({"prompt": prompt, "base": base,
-                        "tuned": generate(model, tokenizer, *args, system_prompt=config.system_prompt)})
-    return answers
+    """Greedy answers to each prompt from the base model and from the tuned model, each model's in one batch."""
+    args = (config.prompts, config.prompt_template, config.max_new_tokens, 0.0, config.system_prompt)
+    with model.disable_adapter():
+        base = generate_batch(model, tokenizer, *args)
+    tuned = generate_batch(model, tokenizer, *args)
+    return [{"prompt": prompt, "base": b, "tuned": t} for prompt, b, t in zip(config.prompts, base, tuned)]
 
 
 def report_markdown(results: dict[str, Any], generations: list[dict[str, str]]) -> str:

@@ -23,6 +23,7 @@ from helpers.gguf import (OFFLINE_QUANTIZATIONS, load_gguf, round_trip_texts, to
                           write_gguf)
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
+from helpers.timing import recorded
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
             "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"], **tokenizer_check}
 
 
+@recorded("export {export_format}")
 def export_format(export_format: str, model, tokenizer, config, precision: str,
                   expected: dict[str, Any]) -> dict[str, Any]:
     """Save one format through a temporary folder, write its model card, reload and check it; return its record.

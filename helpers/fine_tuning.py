@@ -29,7 +29,7 @@ from helpers.environment import (
     resolve_precision,
 )
 from helpers.modeling import check_model_source
-from helpers.monitoring import StepClock
+from helpers.monitoring import StepClock, TrainingStages
 from helpers.records import (
     PREFERENCE_COLUMNS,
     check_run_dir,
@@ -42,6 +42,7 @@ from helpers.records import (
     update_run_record,
     write_train_log,
 )
+from helpers.timing import Stages, record_stages
 
 log = logging.getLogger(__name__)
 
@@ -49,48 +50,58 @@ log = logging.getLogger(__name__)
 def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
                  dpo: bool = False) -> dict[str, Any] | None:
     """SFT (or DPO, with dpo) in this process (one of N under accelerate), top to bottom: guard the run, then rows,
-    model, trainer, record. `rows` are the checked dataset rows when the caller has them already (else they are
-    loaded and checked first, before anything is written). Returns the metrics on the main process, None on the
-    others."""
+    model, trainer, record, each stage timed (run.json's `stages`). `rows` are the checked dataset rows when the
+    caller has them already (else they are loaded and checked first, before anything is written). Returns the
+    metrics on the main process, None on the others."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState()
+    stages = Stages()
     per_device, accumulation = split_global_batch(config.per_device_train_batch_size,
                                                   config.gradient_accumulation_steps, state.num_processes)
     rows = data.load_checked_rows(config, preference=dpo) if rows is None else rows
+    stages.add("data checked", getattr(rows, "seconds", 0.0))
     # Guard the run, and hold rows out; the main process checks run_dir and writes run.json and split.json first.
     with state.main_process_first():
         precision = prepare_run(config, main_process=state.is_main_process)
-        if dpo and config.sft_run_dir:  # as the SFT run split them: its held-out rows stay unseen
-            train_rows, eval_rows = data.reuse_split(rows, config, config.sft_run_dir)
+        with stages.stage("data formatted"):
+            if dpo and config.sft_run_dir:  # as the SFT run split them: its held-out rows stay unseen
+                train_rows, _, eval_rows = data.reuse_split(rows, config, config.sft_run_dir)
+            else:
+                train_rows, _, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
+    # Rows, formatted as the trainer takes them (the held-out subset scored while training; 03_evaluate scores all).
+    with stages.stage("data formatted"):
+        tokenizer = modeling.load_tokenizer(config)
+        if dpo:
+            train_set, longest = data.to_preference_set(train_rows, config, tokenizer), None
         else:
-            train_rows, eval_rows = data.hold_out(rows, config, write=state.is_main_process)
-    # Rows, formatted as the trainer takes them.
-    tokenizer = modeling.load_tokenizer(config)
-    to_dataset = data.to_preference_set if dpo else data.to_training_set
-    train_set = to_dataset(train_rows, config, tokenizer)
-    eval_set = to_dataset(eval_rows, config, tokenizer) if eval_rows else None
+            train_set, longest = data.training_set(train_rows, config, tokenizer)
+        to_dataset = data.to_preference_set if dpo else data.to_training_set
+        eval_set = to_dataset(eval_rows, config, tokenizer) if eval_rows else None
     # Model: DPO's policy, or the base model with a fresh adapter, the step's rows computed as micro_batching asks
     # (decided before LoRA is added: the gradient checkpointing mode goes with it).
-    if dpo:
-        model, tokenizer = preference.load_policy(config, precision)
-        computed = batching.Plan(per_device, accumulation)
-    else:
-        model, tokenizer = modeling.load_base_model(config, precision)
-        computed = batching.plan(config, per_device, accumulation, model,
-                                 data.longest_row_tokens(train_set, tokenizer, config))
-        model = modeling.add_lora(model, config, computed.gradient_checkpointing)
-    # Trainer.
-    run_config = dataclasses.replace(config, per_device_train_batch_size=computed.rows,
-                                     gradient_accumulation_steps=computed.accumulation)
-    build_trainer = preference.build_trainer if dpo else trainers.build_trainer
-    trainer = build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
+    with stages.stage("model loaded"):
+        if dpo:
+            model, tokenizer = preference.load_policy(config, precision)
+            computed = batching.Plan(per_device, accumulation)
+        else:
+            model, tokenizer = modeling.load_base_model(config, precision)
+            computed = batching.plan(config, per_device, accumulation, model, longest)
+    if not dpo:
+        with stages.stage("LoRA added"):
+            model = modeling.add_lora(model, config, computed.gradient_checkpointing)
+    # Trainer (trl tokenizes the rows here).
+    with stages.stage("trainer built"):
+        run_config = dataclasses.replace(config, per_device_train_batch_size=computed.rows,
+                                         gradient_accumulation_steps=computed.accumulation)
+        build_trainer = preference.build_trainer if dpo else trainers.build_trainer
+        trainer = build_trainer(model, tokenizer, train_set, run_config, precision, eval_set)
     if dpo:
         update_run_record(config.run_dir, stage="dpo", reference=preference.reference_in_use(trainer))
     # Train and record.
     with batching.training(computed, model, config) as kept:
-        metrics = train_and_record(trainer, model, tokenizer, config)
+        metrics = train_and_record(trainer, model, tokenizer, config, stages)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is None or dpo:
         return metrics
@@ -134,8 +145,9 @@ def prepare_run(config, main_process: bool = True) -> str:
     return precision
 
 
-def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None:
+def train_and_record(trainer, model, tokenizer, config, stages: Stages | None = None) -> dict[str, Any] | None:
     """Train, save the adapter and tokenizer, write train_log.csv and the run's metrics; return the metrics.
+    `stages` (the run's stages so far) gets training's and the save's, and all of them go into run.json.
     In a multi-process run only the main process writes (and gets the metrics); the others return None."""
     import torch
 
@@ -161,9 +173,13 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return None
-    rows = training_log(trainer.state.log_history)
-    write_train_log(run_dir / "train_log.csv", rows)
-    save_adapter(model, tokenizer, run_dir / "adapter")
+    stages = stages or Stages()
+    for name, value in _callback(trainer, TrainingStages).split(seconds).items():
+        stages.add(name, value)
+    with stages.stage("adapter saved"):
+        rows = training_log(trainer.state.log_history)
+        write_train_log(run_dir / "train_log.csv", rows)
+        save_adapter(model, tokenizer, run_dir / "adapter")
     tokens = int(trainer.state.num_input_tokens_seen) - tokens_before  # trained in this session
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     eval_losses = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
@@ -181,16 +197,22 @@ def train_and_record(trainer, model, tokenizer, config) -> dict[str, Any] | None
         "last_tenth_mean_loss": round(sum(losses[-tenth:]) / tenth, 5) if losses else None,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "train_rows": len(trainer.train_dataset),
-        "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        "training_eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "resumed_from_step": int(checkpoint.name.split("-")[1]) if checkpoint else None,
         **_last_logged(rows, PREFERENCE_COLUMNS),
-        **next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepClock)).steady_speed(),
+        **_callback(trainer, StepClock).steady_speed(),
         **peak_memory(),
     }
+    record_stages(run_dir, stages.rounded())
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
     discard_replaced_run(run_dir)
     log.info("training finished: %s", metrics)
     return metrics
+
+
+def _callback(trainer, kind: type):
+    """The trainer's callback of that kind (every run has one of each watcher)."""
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
 def _last_logged(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[str, float]:

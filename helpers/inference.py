@@ -1,4 +1,5 @@
-"""Generating with a trained run: the same prompt template as training, greedy or sampled, streamed when watched."""
+"""Generating with a trained run: the same prompt template as training, greedy or sampled, streamed when watched,
+else batched."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from typing import Any
 
 from helpers.prompts import format_generation_prompt
 from helpers.records import atomic_write_text
+from helpers.timing import recorded
 
 
 def generate(model, tokenizer, prompt, template: str, max_new_tokens: int, temperature: float,
@@ -40,19 +42,45 @@ def generate_tokens(model, tokenizer, prompt, template: str, max_new_tokens: int
     return inputs["input_ids"][0].tolist(), output[0, width:].tolist()
 
 
+@recorded("answers generated")
 def generate_all(model, tokenizer, config, stream: bool = False) -> list[dict[str, Any]]:
-    """Answers to every prompt of the config, in order, each with the settings that produced it."""
-    from tqdm.auto import tqdm
-
-    results = []
-    for prompt in tqdm(config.prompts, desc="generating", disable=stream):
-        if stream:
+    """Answers to every prompt of the config, in order, each with the settings that produced it: streamed one by one
+    while a person watches, else all prompts in one batch."""
+    if stream:
+        responses = []
+        for prompt in config.prompts:
             print(f"\n### {prompt}\n")
-        response = generate(model, tokenizer, prompt, config.prompt_template, config.max_new_tokens,
-                            config.temperature, stream=stream, system_prompt=config.system_prompt)
-        results.append({"prompt": prompt, "response": response, "max_new_tokens": config.max_new_tokens,
-                        "temperature": config.temperature})
-    return results
+            responses.append(generate(model, tokenizer, prompt, config.prompt_template, config.max_new_tokens,
+                                      config.temperature, stream=True, system_prompt=config.system_prompt))
+    else:
+        responses = generate_batch(model, tokenizer, config.prompts, config.prompt_template, config.max_new_tokens,
+                                   config.temperature, config.system_prompt)
+    return [{"prompt": prompt, "response": response, "max_new_tokens": config.max_new_tokens,
+             "temperature": config.temperature} for prompt, response in zip(config.prompts, responses)]
+
+
+def generate_batch(model, tokenizer, prompts: list, template: str, max_new_tokens: int, temperature: float,
+                   system_prompt: str = "") -> list[str]:
+    """The model's answers to all prompts at once (one generate call, prompts padded on the left), each rendered and
+    decoded as `generate` does it."""
+    import torch
+
+    texts = [format_generation_prompt(template, prompt, tokenizer, system_prompt) for prompt in prompts]
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # generation continues every row from its last token
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id if pad is not None else tokenizer.eos_token_id,
+                                **sampling)
+    width = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
 
 def save_generations(run_dir: str | Path, generations: list[dict[str, Any]]) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from helpers.stack import FastLanguageModel
 from helpers.data import is_local_path
 from helpers.environment import cap_gpu_memory, torch_dtype
+from helpers.timing import recorded
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def load_adapter_model(config, precision: str, adapter_dir: str | Path):
         load_in_4bit=config.load_in_4bit)
 
 
+@recorded("tuned model loaded")
 def load_trained_model(config, precision: str, adapter_dir: str | Path):
     """The base model with a saved adapter on top, in unsloth's inference mode."""
     model, tokenizer = load_adapter_model(config, precision, adapter_dir)

@@ -1,5 +1,6 @@
 """Watching a run: the loss curve redrawn in place while a person watches, with time left and GPU memory; the
-speed once warmed up; a stop with advice at the first non-finite loss."""
+speed once warmed up; how training's time divides between steps, evaluation and checkpoints; a stop with advice at
+the first non-finite loss."""
 from __future__ import annotations
 
 import math
@@ -105,6 +106,34 @@ class StepClock(TrainerCallback):
         (step0, time0, tokens0), (step1, time1, tokens1) = self.marks[self.warmup_steps], self.marks[-1]
         return {"steady_s_per_step": round((time1 - time0) / (step1 - step0), 4),
                 "steady_tokens_per_s": round((tokens1 - tokens0) / (time1 - time0), 1)}
+
+
+class TrainingStages(TrainerCallback):
+    """How trainer.train's wall time divides: the in-training evaluations (the Trainer's own eval_runtime) and the
+    checkpoint saves (from the last event before a save to the save's end); the rest is the training steps."""
+
+    def __init__(self):
+        self.evaluation = 0.0
+        self.checkpoints = 0.0
+        self._last = time.perf_counter()
+
+    def _mark(self, *args, **kwargs):
+        self._last = time.perf_counter()
+
+    on_train_begin = on_step_end = on_log = _mark
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluation += (metrics or {}).get("eval_runtime", 0.0)
+        self._last = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.checkpoints += time.perf_counter() - self._last
+        self._last = time.perf_counter()
+
+    def split(self, train_seconds: float) -> dict[str, float]:
+        """{'training steps', 'in-training evaluation', 'checkpoints'} seconds of a train() that took train_seconds."""
+        return {"training steps": train_seconds - self.evaluation - self.checkpoints,
+                "in-training evaluation": self.evaluation, "checkpoints": self.checkpoints}
 
 
 class NonFiniteLossError(RuntimeError):

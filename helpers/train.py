@@ -21,6 +21,7 @@ from helpers import plotting
 from helpers.config import RunConfig
 from helpers.project import add_profile_arguments, profile_parameters, refused_as_usage_error
 from helpers.records import read_json
+from helpers.timing import stages_line
 
 
 def train(config: RunConfig, rows: list[dict[str, Any]] | None = None, dpo: bool = False) -> dict[str, Any]:
@@ -49,8 +50,14 @@ def train(config: RunConfig, rows: list[dict[str, Any]] | None = None, dpo: bool
     return read_json(Path(config.run_dir) / "run.json")["metrics"]
 
 
+def summary(run_dir: str | Path) -> str:
+    """Two human lines about a finished run: steps, time, tokens, loss and memory; then where the time went."""
+    record = read_json(Path(run_dir) / "run.json")
+    return f"{summary_line(record['metrics'])}\n{stages_line(record.get('stages', {}))}"
+
+
 def summary_line(metrics: dict[str, Any]) -> str:
-    """One human line about a finished run."""
+    """One human line about a finished run's training."""
     gpu = metrics.get("peak_gpu_reserved_gib")
     memory = (f"peak GPU memory {gpu} of {metrics['gpu_total_gib']} GiB reserved" if gpu is not None
               else f"peak RSS {metrics['peak_rss_gib']} GiB")
@@ -69,10 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         config = RunConfig.from_dict(params)
     from helpers.fine_tuning import run_training  # once the parameters are good: it loads unsloth and torch
 
-    metrics = run_training(config)
-    if metrics is not None:
+    if run_training(config) is not None:
         plotting.plot_loss(config.run_dir)
-        print(summary_line(metrics))
+        print(summary(config.run_dir))
 
 
 if __name__ == "__main__":

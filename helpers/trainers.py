@@ -8,7 +8,7 @@ from typing import Any
 
 import helpers.stack  # noqa: F401  (unsloth before trl)
 from helpers.environment import is_interactive
-from helpers.monitoring import LiveLossPlot, StepClock, StopOnNonFiniteLoss
+from helpers.monitoring import LiveLossPlot, StepClock, StopOnNonFiniteLoss, TrainingStages
 
 
 def trainer_arguments(config, precision: str, with_eval: bool = False) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def watchers(config) -> list:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
-    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock()]
+    return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock(), TrainingStages()]
 
 
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):

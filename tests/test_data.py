@@ -8,15 +8,18 @@ import pytest
 
 from helpers.config import RunConfig
 from helpers.data import (
+    hold_out,
+    reuse_split,
+    training_eval_count,
     LOCAL_FORMATS,
     SAMPLE_DATASET,
     check_rows,
     is_local_path,
     load_checked_rows,
     load_rows,
-    longest_row_tokens,
     read_local_rows,
     to_training_set,
+    training_set,
 )
 from helpers.prompts import format_alpaca_prompt
 
@@ -294,8 +297,8 @@ def test_longest_row_is_the_packed_sequence_when_packing(tiny_tokenizer):
     packed = RunConfig(dataset="x.jsonl", max_seq_length=512, packing=True)
     text = format_alpaca_prompt(rows[1]["prompt"], rows[1]["chosen"], tiny_tokenizer.eos_token)
     longest = len(tiny_tokenizer(text, add_special_tokens=True)["input_ids"])
-    assert longest_row_tokens(to_training_set(rows, plain, tiny_tokenizer), tiny_tokenizer, plain) == longest < 512
-    assert longest_row_tokens(to_training_set(rows, packed, tiny_tokenizer), tiny_tokenizer, packed) == 512
+    assert training_set(rows, plain, tiny_tokenizer)[1] == longest < 512
+    assert training_set(rows, packed, tiny_tokenizer)[1] == 512
 
 
 def test_dataset_empty_after_dropping_long_rows_is_an_error(tiny_tokenizer):
@@ -315,3 +318,33 @@ def test_malformed_json_file_names_the_file_and_line(tmp_path):
     path.write_text('[\n{"prompt": "a",\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json: not valid JSON at line \d"):
         read_local_rows(path)
+
+
+def test_the_rows_scored_while_training_are_the_same_held_out_rows_each_time(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}"} for i in range(1000)]
+    config = RunConfig(dataset="d.jsonl", eval_fraction=0.1, eval_steps=20, run_dir=str(tmp_path / "a"))
+    train, held, in_training = hold_out(rows, config)
+    again = hold_out(rows, RunConfig(dataset="d.jsonl", eval_fraction=0.1, eval_steps=20, run_dir=str(tmp_path / "b")))
+    # a tenth of the training between two evaluations: 0.1 x 20 steps x 8 rows x 3 forward passes a row
+    assert len(held) == 100 and len(in_training) == 48 == training_eval_count(config, len(held))
+    assert again[2] == in_training and again[1] == held  # seeded: the same rows every time
+    assert {r["prompt"] for r in in_training} < {r["prompt"] for r in held}  # only held-out rows...
+    assert not {r["prompt"] for r in in_training} & {r["prompt"] for r in train}  # ...never a training row
+    split = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert [rows[i] for i in split["training_eval_indices"]] == in_training  # recorded, to be found again
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 12), (5, 5), (0, 0), (500, 30)])
+def test_the_rows_scored_while_training_follow_the_setting_and_never_exceed_the_held_out(setting, expected):
+    config = RunConfig(dataset="d.jsonl", eval_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                       training_eval_rows=setting)
+    assert training_eval_count(config, 30) == expected  # None: ceil(0.1 x 5 x 8 x 3)
+
+
+def test_a_continuing_run_scores_its_own_subset_of_the_same_held_out_rows(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(200)]
+    _, held, _ = hold_out(rows, RunConfig(dataset="d.jsonl", eval_fraction=0.2, run_dir=str(tmp_path / "sft")))
+    dpo = RunConfig(dataset="d.jsonl", eval_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    run_dir=str(tmp_path / "dpo"))
+    _, again, in_training = reuse_split(rows, dpo, tmp_path / "sft")
+    assert again == held and len(in_training) == 3 and all(row in held for row in in_training)

@@ -320,3 +320,13 @@ def test_compared_runs_in_folders_named_alike_are_kept_apart_by_path(tmp_path, m
     assert labels == ["base", "a/run", "b/run", f"{tmp_path.name}/run"]  # told apart in the table and the chart
     with pytest.raises(ValueError, match="names .*a/run' more than once"):
         evaluation_report.compared_runs(RunConfig(compare_runs=[str(first), str(first) + "/"]))
+
+
+def test_scoring_batches_hold_at_most_the_token_budget_and_never_none():
+    from helpers.evaluation import _batches
+
+    lengths = [300, 200, 100, 100, 100, 50, 2000]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches = _batches(order, lengths, batch_size=4, batch_tokens=600)
+    assert batches == [[6], [0, 1], [2, 3, 4, 5]]  # a row over the budget alone; padded to each batch's first row
+    assert _batches(order, lengths, batch_size=2, batch_tokens=None) == [[6, 0], [1, 2], [3, 4], [5]]

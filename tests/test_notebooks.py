@@ -58,7 +58,11 @@ def test_held_out_rows_are_recorded_and_never_trained_on(tiny_run):
     rows = split["rows"]
     assert len(split["eval_indices"]) == round(rows * TINY["eval_fraction"]) and len(set(split["eval_indices"])) > 0
     metrics = read_json(tiny_run / "run.json")["metrics"]
-    assert metrics["train_rows"] == rows - len(split["eval_indices"]) and metrics["eval_rows"] == len(split["eval_indices"])
+    assert metrics["train_rows"] == rows - len(split["eval_indices"])
+    # The trainer scored its fixed subset of the held-out rows while training; 03_evaluate scored every one.
+    assert metrics["training_eval_rows"] == len(split["training_eval_indices"]) < len(split["eval_indices"])
+    assert set(split["training_eval_indices"]) < set(split["eval_indices"])
+    assert read_json(tiny_run / "eval.json")["rows"] == len(split["eval_indices"])
     evals = [r for r in read_train_log(tiny_run / "train_log.csv") if r["eval_loss"] is not None]
     assert [r["step"] for r in evals] == list(range(20, TINY["max_steps"] + 1, 20))
 
@@ -90,6 +94,28 @@ def test_executed_training_notebook_shows_the_loss_plot(tiny_run):
     assert len(images) == 1
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"{TINY['max_steps']} steps in" in printed and "tokens/s" in printed and "peak RSS" in printed
+    assert "where the time went: training steps" in printed
+
+
+TRAINING_STAGES = ["data checked", "data formatted", "model loaded", "LoRA added", "trainer built", "training steps",
+                   "in-training evaluation", "checkpoints", "adapter saved"]
+
+
+def test_every_stage_of_the_run_is_timed_in_run_json(tiny_run):
+    record = read_json(tiny_run / "run.json")
+    stages = record["stages"]
+    # training's stages in order, then inference's and evaluation's
+    assert list(stages)[:len(TRAINING_STAGES)] == TRAINING_STAGES
+    assert {"tuned model loaded", "answers generated", "held-out rows scored", "side-by-side answers"} <= set(stages)
+    assert all(seconds >= 0 for seconds in stages.values()) and stages["training steps"] > 0
+    assert stages["in-training evaluation"] > 0  # every eval_steps
+    # the trainer's wall time, divided: steps, evaluation and checkpoints add up to it
+    trained = sum(stages[name] for name in ("training steps", "in-training evaluation", "checkpoints"))
+    assert trained == pytest.approx(record["metrics"]["train_runtime_s"], rel=0.02, abs=0.3)
+    nb = nbformat.read(tiny_run / "03_evaluate.ipynb", as_version=4)
+    shown = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code"
+                    for o in c.outputs)
+    assert "| held-out rows scored |" in shown and "| **total** |" in shown
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "run_dir" in injected[0].source
 
@@ -155,7 +181,9 @@ def test_dpo_run_records_a_finished_run_that_continues_the_sft_run(dpo_run, tiny
     assert record["parameters"]["sft_run_dir"] == str(tiny_run) and record["metrics"]["steps"] == 4
     # The SFT run's held-out rows stay held out: the same split, copied.
     assert read_json(dpo_run / "split.json")["eval_indices"] == read_json(tiny_run / "split.json")["eval_indices"]
-    assert record["metrics"]["eval_rows"] == len(read_json(tiny_run / "split.json")["eval_indices"])
+    dpo_subset = read_json(dpo_run / "split.json")["training_eval_indices"]
+    assert record["metrics"]["training_eval_rows"] == len(dpo_subset)
+    assert set(dpo_subset) <= set(read_json(tiny_run / "split.json")["eval_indices"])
     # Only the trained adapter is saved, in the SFT adapter's shape.
     assert not (dpo_run / "adapter" / "ref").exists()
     assert json.loads((dpo_run / "adapter/adapter_config.json").read_text())["r"] == sft["lora_r"]

@@ -123,9 +123,9 @@ def test_long_pairs_are_dropped_by_their_longer_answer(tiny_tokenizer):
 def test_a_continuing_run_reuses_the_held_out_split(tmp_path):
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
     first = RunConfig(dataset="d.jsonl", eval_fraction=0.2, run_dir=str(tmp_path / "sft"))
-    _, held = data.hold_out(rows, first)
+    _, held, _ = data.hold_out(rows, first)
     second = RunConfig(dataset="d.jsonl", eval_fraction=0.5, seed=1, run_dir=str(tmp_path / "dpo"))
-    train, again = data.reuse_split(rows, second, first.run_dir)
+    train, again, _ = data.reuse_split(rows, second, first.run_dir)
     assert again == held and len(train) == 8 and not set(map(str, train)) & set(map(str, held))
     assert json.loads((tmp_path / "dpo/split.json").read_text())["from_run"] == first.run_dir
     with pytest.raises(ValueError, match="held-out rows cannot be found again"):

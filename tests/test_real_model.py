@@ -85,3 +85,18 @@ def test_dpo_raises_preference_accuracy_above_sft(real_runs):
     sft_accuracy, dpo_accuracy = report["compared"][str(sft)]["preference_accuracy"], report["tuned"]["preference_accuracy"]
     assert dpo_accuracy > sft_accuracy, f"preference accuracy SFT {sft_accuracy:.3f}, SFT+DPO {dpo_accuracy:.3f}"
 
+
+
+def test_answers_generated_in_one_batch_are_the_answers_one_at_a_time(real_runs):
+    # Prompts of different lengths, padded on the left in the batch; greedy on a real model, no near ties.
+    from helpers.config import RunConfig
+    from helpers.inference import generate, generate_batch
+    from helpers.modeling import load_trained_model
+
+    sft, _ = real_runs
+    config = RunConfig.from_dict(read_json(sft / "run.json")["parameters"])
+    model, tokenizer = load_trained_model(config, "fp32", sft / "adapter")
+    prompts = [PROMPT, "Hi!", "What's the best way to learn to cook when you have never tried before?"]
+    args, side = (config.prompt_template, 24, 0.0), tokenizer.padding_side
+    assert generate_batch(model, tokenizer, prompts, *args) == [generate(model, tokenizer, p, *args) for p in prompts]
+    assert tokenizer.padding_side == side  # the batch's left padding did not stick
