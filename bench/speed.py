@@ -5,10 +5,10 @@ then the longest single row that trains under the memory cap. Every process runs
 memory). Prints a table and writes JSON (rewritten after each configuration, so a run cut short keeps what it
 measured).
 
-Rows are synthetic token ids whose lengths follow the Human-Like-DPO data as our Alpaca template renders it: about
-60 tokens of template and prompt plus a `chosen` answer of roughly 100-300 words (1.3 tokens a word), i.e. a
-log-normal length with median 240 tokens, clipped to 90-700 (see ROW_LENGTHS). Random weights: the loss only has
-to stay finite.
+Rows are synthetic token ids as long as rows shaped like the Human-Like-DPO data (bench/real_shaped_data.py) in the
+tutorial's Alpaca template, counted with the model's tokenizer (the stand-in's is Llama 3's: a median of about 270
+tokens, a mean of 340, 1,727 at most; until 2026-12-06 a log-normal guess with median 240, clipped to 90-700, was
+used). Random weights: the loss only has to stay finite.
 
     python bench/speed.py --model /dev/shm/llama8b --out bench.json   # the 8B shape, 4-bit, fp16, on a GPU
     python bench/speed.py --smoke --out /tmp/smoke.json               # the tiny model on the CPU: checks the script
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_LENGTHS = dict(median=240, sigma=0.45, low=90, high=700)
+sys.path.insert(0, str(ROOT / "bench"))  # real_shaped_data
 PARAMS_8B = 8.03e9
 PEAK_FLOPS = 790e12  # H200 dense bf16/fp16 tensor throughput reachable in practice
 CONFIGS = {
@@ -70,25 +70,26 @@ DEFAULT_CONFIGS = ["tutorial", "fast", "packed-8k", "hf-tutorial"]
 LONGEST = [32768, 40960, 49152, 57344, 65536, 81920]
 
 
-def row_lengths(n: int, seed: int = 0) -> list[int]:
-    """Token lengths of n training rows (see ROW_LENGTHS)."""
-    import random
+def row_lengths(n: int, tokenizer, max_length: int) -> list[int]:
+    """Token lengths (at most max_length) of n rows shaped like the real data in the Alpaca template."""
+    from real_shaped_data import make_rows
 
-    rng = random.Random(seed)
-    mu = math.log(ROW_LENGTHS["median"])
-    return [min(ROW_LENGTHS["high"], max(ROW_LENGTHS["low"], round(rng.lognormvariate(mu, ROW_LENGTHS["sigma"]))))
-            for _ in range(n)]
+    from helpers.prompts import format_training_text
+
+    texts = [format_training_text("alpaca", row["prompt"], row["chosen"], tokenizer.eos_token, tokenizer)
+             for row in make_rows(n)]
+    return [min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"]]
 
 
-def synthetic_dataset(n: int, vocab: int, eos: int):
-    """Pre-tokenized rows (trl skips tokenization when input_ids are given)."""
+def synthetic_dataset(lengths: list[int], vocab: int, eos: int):
+    """Pre-tokenized rows of these lengths (trl skips tokenization when input_ids are given)."""
     import random
 
     from datasets import Dataset
 
     rng = random.Random(1)
     return Dataset.from_dict({"input_ids": [[rng.randrange(10, vocab) for _ in range(k - 1)] + [eos]
-                                            for k in row_lengths(n)]})
+                                            for k in lengths]})
 
 
 def load_base(model_path: str, max_length: int, precision: str, four_bit: bool, tiled_mlp: bool = False):
@@ -155,23 +156,24 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     cap_gpu_memory(cap_gib)
     total = warmup + steps + (2 if profile_dir else 0)  # profiled steps come after the measured ones
     rows = spec["batch"] * spec["accumulation"] * total
-    if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare
-        rows = math.ceil(rows * spec["max_length"] / ROW_LENGTHS["median"] * 1.3)
+    if spec["packing"]:  # enough rows to fill every packed sequence, with room to spare (rows of ~340 tokens)
+        rows = math.ceil(rows * spec["max_length"] / 340 * 1.3)
     if spec.get("no_cudnn_at_load"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if spec["backend"] == "unsloth":  # as the kit does: the plan between the base model's load and LoRA
         from helpers.modeling import add_lora
 
         model, tokenizer = load_base(model_path, spec["max_length"], precision, four_bit)
+        lengths = row_lengths(rows, tokenizer, spec["max_length"])
         kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
                         micro_batching=spec["micro_batching"])  # the tutorial's LoRA: r 64 on the seven projections
         computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,  # packed rows: max_length long
-                                 spec["max_length"] if spec["packing"] else min(spec["max_length"],
-                                                                                max(row_lengths(rows))))
+                                 spec["max_length"] if spec["packing"] else max(lengths))
         computed = dataclasses.replace(computed, **spec.get("plan", {}))
         model = add_lora(model, kit, computed.gradient_checkpointing)
     else:
         model, tokenizer = load_hf(model_path, precision, four_bit)
+        lengths = row_lengths(rows, tokenizer, spec["max_length"])
         computed = batching.Plan(spec["batch"], spec["accumulation"])
     batch, accumulation = computed.rows, computed.accumulation
     marks: dict[str, list[float]] = {"step_end": [], "pre_optimizer": [], "optimizer": []}
@@ -201,7 +203,7 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
                      **({"padding_free": spec["padding_free"]} if "padding_free" in spec else {}))
     callbacks = [Clock()] + ([profiled(model, warmup + steps, Path(profile_dir) / name)] if profile_dir else [])
     trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, callbacks=callbacks,
-                         train_dataset=synthetic_dataset(rows, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
+                         train_dataset=synthetic_dataset(lengths, min(tokenizer.vocab_size, 1000), tokenizer.eos_token_id))
     if spec["backend"] == "hf" and precision == "fp16":
         trainable_to_fp32(trainer.model)
     collate, positions = trainer.data_collator, [0, 0]  # all positions, the largest micro-batch's
@@ -408,6 +410,36 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def medians(results: list[dict]) -> dict[str, dict]:
+    """Per configuration run more than once: the median, least and most tokens/s of its runs, the ratio of its median
+    to the tutorial's, and the layers kept (the mean of each run's count of what ran)."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {}
+    for result in results:
+        if "tokens_per_s" in result:
+            runs.setdefault(result["config"], []).append(result)
+    summary = {name: {"runs": len(rs), "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                      "least": min(r["tokens_per_s"] for r in rs), "most": max(r["tokens_per_s"] for r in rs),
+                      "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in rs),
+                      "layers_kept": [r["layers_kept_un_checkpointed"] for r in rs if r["layers_kept_un_checkpointed"]]}
+               for name, rs in runs.items()}
+    base = summary.get("tutorial", {}).get("median_tokens_per_s")
+    for entry in summary.values():
+        entry["x_tutorial_median"] = round(entry["median_tokens_per_s"] / base, 2) if base else None
+    return summary
+
+
+def medians_table(results: list[dict]) -> str:
+    """medians() as a Markdown table."""
+    lines = ["| configuration | runs | median tokens/s | least - most | x tutorial (medians) | peak reserved GiB |",
+             "|---" * 6 + "|"]
+    for name, m in medians(results).items():
+        lines.append(f"| {name} | {m['runs']} | {m['median_tokens_per_s']:,.0f} | {m['least']:,.0f} - "
+                     f"{m['most']:,.0f} | {m['x_tutorial_median']} | {m['peak_reserved_gib']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (the 8B stand-in: python bench/standin.py DIR)")
@@ -426,6 +458,8 @@ def main() -> None:
                                                                         "search cut short keeps the lengths it ran")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, fp32, few steps: checks "
                                                              "the script end to end without a GPU")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every configuration, interleaved (A B C A B C "
+                                                                 "...), each in its own process; medians reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
@@ -449,7 +483,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
     results = []
-    jobs = ([f"config:{name}" for name in args.configs]
+    jobs = ([f"config:{name}" for _ in range(args.repeat) for name in args.configs]
             + ([f"longest:{mode}" for mode in args.longest_modes] if args.longest else []))
     for job in jobs:
         started = time.perf_counter()
@@ -476,6 +510,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(f"{job}: {result['process_s']:.0f} s{' (failed)' if 'error' in result else ''}", flush=True)
     print("\n" + table(results))
+    if args.repeat > 1:
+        print("\n" + medians_table(results))
 
 
 if __name__ == "__main__":
