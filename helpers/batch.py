@@ -22,7 +22,8 @@ from helpers.environment import mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
 from helpers.pipeline import notebook_parameter_names, run_notebook, use_offline_hub_when_local
 from helpers.plotting import moving_average
-from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile, refused_as_usage_error
+from helpers.paths import NOTEBOOKS, PROJECT_ROOT
+from helpers.project import load_profile, refused_as_usage_error
 from helpers.records import atomic_write_text, has_finished_run, read_json, read_train_log, save_figure, write_json
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__

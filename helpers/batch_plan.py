@@ -14,7 +14,8 @@ import yaml
 
 from helpers.config import RunConfig
 from helpers.data import is_local_path
-from helpers.project import NOTEBOOKS, PLANS, PROJECT_ROOT, load_profile
+from helpers.paths import NOTEBOOKS, PLANS, PROJECT_ROOT
+from helpers.project import load_profile
 
 PLAN_KEYS = ("name", "profile", "notebooks", "fixed", "grid", "points", "output_dir")
 TRAIN = "01_train_lora"

@@ -1,8 +1,8 @@
-"""Opening the kit on Colab: the repository URL (set here, and only here), the bootstrap cell every notebook
-starts with, the notebook metadata that asks Colab for a T4, and the README's "Open in Colab" badges.
+"""Opening the kit on Colab: the bootstrap cell every notebook starts with, the notebook metadata that asks Colab for
+a T4, and the README's "Open in Colab" badges, all from the kit's URL (helpers/data/kit.json, set by publishing).
 
-    python -m helpers.colab https://github.com/OWNER/NAME   # publish under that URL: notebooks, badges, this file
-    python -m helpers.colab                                  # rewrite them all from KIT_REPO (after editing a notebook)
+    python -m helpers.colab https://github.com/OWNER/NAME   # publish under that URL: kit.json, notebooks, badges
+    python -m helpers.colab                                  # rewrite notebooks and badges from kit.json
 """
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from helpers.project import NOTEBOOKS, README
+from helpers.paths import KIT_FILE, NOTEBOOKS, README, kit_repo
 
-# The kit's git URL: the notebooks' `kit_repo` default and the README's badges come from it (`make publish`).
-KIT_REPO = ""
 KIT_DIR = "/content/lora-kit"  # where the bootstrap cell clones the kit on Colab
 BADGES_START, BADGES_END = "<!-- colab-badges: made by `python -m helpers.colab` -->", "<!-- /colab-badges -->"
 # What unsloth's notebooks carry so that Colab opens them on a GPU runtime with a T4.
@@ -82,14 +80,13 @@ def sync_notebook(path: Path, repo_url: str) -> None:
 
 
 def publish(repo_url: str | None = None) -> str:
-    """Set the kit's URL (default: the one set already) in this file, every notebook and the README badges."""
-    repo_url = KIT_REPO if repo_url is None else repo_url.strip()
+    """Set the kit's URL (default: the one set already) in helpers/data/kit.json, every notebook and the README
+    badges."""
+    repo_url = kit_repo() if repo_url is None else repo_url.strip()
     if repo_url and not github_path(repo_url):
         raise ValueError(f"repo_url {repo_url!r} is not a GitHub repository URL; expected "
                          "https://github.com/OWNER/NAME (Colab opens notebooks from GitHub)")
-    here = Path(__file__)
-    here.write_text(re.sub(r'^KIT_REPO = ".*"$', lambda _: f"KIT_REPO = {json.dumps(repo_url)}", here.read_text(),
-                           count=1, flags=re.M))
+    KIT_FILE.write_text(json.dumps({"kit_repo": repo_url}, indent=2) + "\n", encoding="utf-8")
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         sync_notebook(path, repo_url)
     readme = README.read_text()
@@ -100,7 +97,7 @@ def publish(repo_url: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("repo_url", nargs="?", help="the kit's GitHub URL (default: the one set in helpers/colab.py)")
+    parser.add_argument("repo_url", nargs="?", help="the kit's GitHub URL (default: the one in helpers/data/kit.json)")
     args = parser.parse_args(argv)
     try:
         url = publish(args.repo_url)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.colab import KIT_REPO
 from helpers.environment import RUN_DIR, default_run_dir, mount_drive_if_needed
+from helpers.paths import kit_repo
 from helpers.prompts import PROMPT_TEMPLATES
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,7 +115,7 @@ class RunConfig:
     # batch runs
     batch_plan: str = "notebooks/plans/cpu_tiny_grid.yaml"
     # Colab: where to clone this kit from when a notebook is opened on its own
-    kit_repo: str = KIT_REPO
+    kit_repo: str = field(default_factory=kit_repo)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from helpers.project import PROJECT_ROOT
+from helpers.paths import PROJECT_ROOT
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "accelerate",
             "bitsandbytes", "papermill")

@@ -40,7 +40,7 @@ def convert(merged: Path, out_file: Path, quantization: str) -> Path:
         raise ValueError(f"gguf_quantization {quantization!r} needs llama.cpp; the converter writes only "
                          f"{', '.join(OFFLINE_QUANTIZATIONS)}")
     pre = _prepare_tokenizer(merged)
-    from helpers.project import PROJECT_ROOT
+    from helpers.paths import PROJECT_ROOT
 
     command = [sys.executable, "-m", "helpers.gguf", str(merged), str(out_file), quantization, pre or ""]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from helpers.project import PROJECT_ROOT
+from helpers.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from typing import Any
 
 from helpers.config import RunConfig
 from helpers.data import is_local_path
+from helpers.paths import NOTEBOOKS, PROJECT_ROOT
 from helpers.project import (
-    NOTEBOOKS,
-    PROJECT_ROOT,
     add_profile_arguments,
     default_profile,
     load_profile,

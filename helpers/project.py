@@ -1,5 +1,5 @@
-"""The project on disk and its parameter profiles: where the notebooks, profiles and plans are, and a profile
-(notebooks/params/<name>.yaml) read with the command line's -p overrides on top."""
+"""Parameter profiles: a profile (notebooks/params/<name>.yaml) read and checked against the config, with the command
+line's -p overrides on top."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-PROFILES = NOTEBOOKS / "params"
-PLANS = NOTEBOOKS / "plans"
-README = PROJECT_ROOT / "README.md"
+from helpers.config import RunConfig
+from helpers.paths import PROFILES
 
 
 def profile_names() -> list[str]:
@@ -22,11 +19,7 @@ def profile_names() -> list[str]:
 
 def load_profile(name: str) -> dict[str, Any]:
     """A profile's parameters, checked against the config (unknown names and bad values are errors)."""
-    # Imported here: this module is the bottom of the package (the Colab install imports it before any package is
-    # installed), and the config sits above it.
     import yaml
-
-    from helpers.config import RunConfig
 
     path = PROFILES / f"{name}.yaml"
     if not path.exists():

@@ -15,7 +15,7 @@ from helpers.batch import load_plan, main, run_batch, write_summary
 from helpers.batch_plan import TRAIN, expand, point_name
 from helpers.config import RunConfig
 from helpers.pipeline import run_notebook
-from helpers.project import PLANS
+from helpers.paths import PLANS
 from tests.conftest import assert_token_in_no_file
 from helpers.records import update_run_record, write_json, write_train_log
 

@@ -2,6 +2,7 @@
 Drive before the run guard; bf16 as the trainer decides it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 import yaml
 
 from helpers import environment
-from helpers.colab import BOOTSTRAP_CELL, KIT_REPO, badges_markdown, colab_url, github_path
+from helpers.colab import BOOTSTRAP_CELL, badges_markdown, colab_url, github_path
+from helpers.paths import kit_repo
 from helpers.config import RunConfig, notebook_config
 from helpers.pipeline import notebook_parameter_names, run_notebook
-from helpers.project import NOTEBOOKS, PROFILES, PROJECT_ROOT
+from helpers.paths import NOTEBOOKS, PROFILES, PROJECT_ROOT
 from helpers.records import read_json
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -35,11 +37,11 @@ def test_every_notebook_asks_colab_for_a_t4_and_starts_with_the_one_bootstrap_ce
     assert nb.metadata["accelerator"] == "GPU" and nb.metadata["colab"]["gpuType"] == "T4"
     params, bootstrap = cells_after_parameters(path)
     assert bootstrap.source == BOOTSTRAP_CELL, f"{path.name}: bootstrap cell drifted; run `python -m helpers.colab`"
-    assert f'kit_repo: str = "{KIT_REPO}"  # ' in params.source
+    assert f'kit_repo: str = "{kit_repo()}"  # ' in params.source
 
 
 def test_readme_badges_are_the_ones_made_from_the_kit_url():
-    assert badges_markdown(KIT_REPO) in (PROJECT_ROOT / "README.md").read_text()
+    assert badges_markdown(kit_repo()) in (PROJECT_ROOT / "README.md").read_text()
 
 
 def test_github_urls_are_recognised_and_give_colab_links():
@@ -69,7 +71,7 @@ def test_one_command_publishes_the_url_into_the_notebooks_the_badges_and_the_con
     url = "https://github.com/acme/lora-kit"
     result = publish(kit_copy, url)
     assert result.returncode == 0, result.stderr
-    assert f'KIT_REPO = "{url}"' in (kit_copy / "helpers/colab.py").read_text()
+    assert json.loads((kit_copy / "helpers/data/kit.json").read_text()) == {"kit_repo": url}
     readme = (kit_copy / "README.md").read_text()
     for path in NOTEBOOK_PATHS:
         params, bootstrap = cells_after_parameters(kit_copy / "notebooks" / path.name)

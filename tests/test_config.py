@@ -23,7 +23,7 @@ from helpers.config import (
     notebook_parameters,
     run_config,
 )
-from helpers.project import NOTEBOOKS
+from helpers.paths import NOTEBOOKS
 
 # ---------------------------------------------------------------- defaults
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers.config import RunConfig
-from helpers.project import PROJECT_ROOT
+from helpers.paths import PROJECT_ROOT
 from helpers.export import check_all_exported, export_all
 from helpers.modeling import load_trained_model
 from helpers.hub import TOKEN_HELP, check_push_ready, push_exports

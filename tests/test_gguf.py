@@ -109,7 +109,7 @@ def test_k_quants_are_not_offered_to_the_converter(tmp_path):
 @pytest.mark.notebook
 @pytest.mark.real_model
 def test_smollm2_after_sft_exports_to_a_gguf_that_answers_like_the_tuned_model(tmp_path):
-    from helpers.project import PROJECT_ROOT
+    from helpers.paths import PROJECT_ROOT
     from helpers.export import export_all
     from helpers.local_models import SMOLLM2_MODEL_DIR, build_smollm2
     from helpers.modeling import load_trained_model

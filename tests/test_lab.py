@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.project import NOTEBOOKS, PROJECT_ROOT, load_profile
+from helpers.paths import NOTEBOOKS, PROJECT_ROOT
+from helpers.project import load_profile
 from helpers.records import read_json
 
 pytestmark = pytest.mark.browser

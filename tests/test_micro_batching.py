@@ -168,7 +168,8 @@ def _train(tmp_path, micro_batching):
     from helpers.data import SAMPLE_DATASET
     from helpers.fine_tuning import run_training
     from helpers.local_models import SMOLLM2_MODEL_DIR, build_smollm2
-    from helpers.project import PROJECT_ROOT, load_profile
+    from helpers.paths import PROJECT_ROOT
+    from helpers.project import load_profile
 
     model = build_smollm2(PROJECT_ROOT / SMOLLM2_MODEL_DIR)
     run_dir = tmp_path / micro_batching

@@ -9,7 +9,7 @@ import yaml
 
 from helpers.config import DEFAULT_PROMPTS, RunConfig
 from helpers.pipeline import run_notebook
-from helpers.project import PROFILES
+from helpers.paths import PROFILES
 from helpers.records import read_json, read_train_log
 
 pytestmark = pytest.mark.notebook

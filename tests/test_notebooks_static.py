@@ -12,7 +12,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 
 from helpers.config import DPO_DEFAULTS, END_TO_END_DEFAULTS, RunConfig
 from helpers.pipeline import notebook_parameter_names
-from helpers.project import NOTEBOOKS, PROFILES
+from helpers.paths import NOTEBOOKS, PROFILES
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 DEFAULTS = RunConfig().to_dict()

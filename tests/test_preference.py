@@ -9,7 +9,7 @@ import yaml
 
 from helpers import data, preference
 from helpers.config import DPO_DEFAULTS, RunConfig, preference_config
-from helpers.project import PROFILES
+from helpers.paths import PROFILES
 from helpers.records import training_log, update_run_record
 
 TINY_DPO = yaml.safe_load((PROFILES / "cpu_tiny_dpo.yaml").read_text())

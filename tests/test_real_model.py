@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers.project import PROJECT_ROOT
+from helpers.paths import PROJECT_ROOT
 from helpers.local_models import SMOLLM2_MODEL_DIR, build_smollm2
 from helpers.records import read_json
 

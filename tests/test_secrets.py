@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.project import PROJECT_ROOT
+from helpers.paths import PROJECT_ROOT
 from tests.conftest import assert_token_in_no_file
 
 
