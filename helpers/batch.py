@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, check_workers, load_plan
-from helpers.batch_ray import import_ray, ray_connected, run_points
+from helpers.batch_ray import import_ray, run_points, use_ray
 from helpers.config import RunConfig
 from helpers.environment import mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
@@ -106,7 +106,7 @@ def run_batch(plan: Plan | str | Path, retry_failed: bool = True, out_root: str 
     statuses = [point_status(p, plan.notebooks) for p in plan.points]
     todo = [p for p, status in zip(plan.points, statuses)
             if status != "finished" and (retry_failed or status != "failed")]
-    parallel = bool(todo) and _in_parallel(workers, address)
+    parallel = bool(todo) and use_ray(workers, address)
     log.info("batch %s: %d points; %d to run, %d finished%s; %s", plan.name, len(plan.points), len(todo),
              statuses.count("finished"), "" if retry_failed else " (failed points left as they are)",
              f"through Ray, workers {workers}" if parallel else "one at a time")
@@ -167,15 +167,6 @@ def record_crash(point: Point, reason: str) -> str:
                                                "status": "failed", "error": reason})
     log.warning("point %s failed: %s", point.name, reason)
     return "failed"
-
-
-def _in_parallel(workers: int | str, address: str | None) -> bool:
-    """Through Ray: more than one worker, a cluster's address, a Ray joined already, or 'auto' with several GPUs."""
-    if workers == "auto" and not address and not ray_connected():
-        import torch
-
-        return torch.cuda.device_count() > 1
-    return workers != 1 or bool(address)
 
 
 def check_recorded_parameters(plan: Plan) -> None:

@@ -42,6 +42,16 @@ def ray_connected() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+def use_ray(workers: int | str, address: str | None) -> bool:
+    """Points through Ray: more than one worker, a cluster's address, a Ray joined already, or 'auto' with several
+    GPUs here."""
+    if workers == "auto" and not address and not ray_connected():
+        import torch
+
+        return torch.cuda.device_count() > 1
+    return workers != 1 or bool(address)
+
+
 def import_ray() -> Any:
     """The ray module, or an error saying how to install it."""
     try:
@@ -66,6 +76,10 @@ def run_points(points: Sequence[Point], run: Callable[..., str], args: tuple, wo
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
         workers = max(1, gpus) if workers == "auto" else workers
+        if workers > (gpus or cpus):  # more would only wait for a GPU (a core) while the bar called them running
+            log.warning("workers %d, but Ray has %d %s: %d point(s) at once", workers, gpus or cpus,
+                        "GPU(s)" if gpus else "CPU(s)", gpus or cpus)
+            workers = gpus or cpus
         threads = max(1, cpus // (gpus or workers))  # each point's share of the cores: its torch threads
         log.info("Ray: %d GPU(s), %d CPU(s); %d point(s) at once, each on %s with %d thread(s)", gpus, cpus, workers,
                  "its own GPU" if gpus else f"{threads} core(s)", threads)
