@@ -10,10 +10,11 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PY=${PY:-3.12}
 OUT=${OUT:-.whl/ray.tar.xz}
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree: ask git where the file is
+grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo /.whl/ >> "$EXCLUDE"
 RAY=$(grep -E '^ray==' requirements-dev.txt)
-# Ray's own requirements that the image may lack (it has filelock, packaging, PyYAML, requests; jsonschema comes
-# with site.tar.xz): msgpack, click and protobuf.
+# Ray's own requirements that the image may lack: msgpack, click and protobuf. It has filelock, packaging, PyYAML and
+# requests (datasets needs them, and ran there with site.tar.xz, which brings jsonschema); Ray bundles psutil.
 PKGS="$RAY msgpack==1.2.4 click==8.5.1 protobuf==7.36.2"
 W=$(mktemp -d)
 S=$(mktemp -d)
