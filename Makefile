@@ -42,9 +42,10 @@ dpo-demo-real: $(STAMP)
 	$(PY) -m helpers.pipeline --profile cpu_smollm2 --notebooks 00_setup 01_train_lora -p overwrite true
 	$(PY) -m helpers.pipeline --profile cpu_smollm2_dpo --notebooks 06_preference_dpo 03_evaluate -p overwrite true
 
+# WORKERS=N (or auto) runs N points at once through Ray; ADDRESS=host:port runs them on a Ray cluster (docs/sweeps.md).
 PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)
-	$(PY) -m helpers.batch $(PLAN)
+	$(PY) -m helpers.batch $(PLAN) $(if $(WORKERS),--workers $(WORKERS)) $(if $(ADDRESS),--address $(ADDRESS))
 
 # Once the kit is on GitHub: its URL into helpers/colab.py, every notebook's kit_repo and the README's Colab badges.
 publish: $(STAMP)

@@ -3,7 +3,9 @@
 A plan (YAML, see notebooks/plans/) names a base profile, fixed overrides, a grid (lists are crossed) and optional
 extra points, and the notebooks to run per point. Each point gets its own run_dir, outputs/<batch>/<point>, named
 from the values it sets. A failed point is recorded and the batch goes on; running the plan again skips finished
-points and re-runs the others (the training notebook resumes from its newest checkpoint by itself).
+points and re-runs the others (the training notebook resumes from its newest checkpoint by itself). With workers
+above 1 (or 'auto' on a machine with several GPUs, or a Ray cluster's address) points run several at once as Ray
+tasks (helpers.batch_ray); see docs/sweeps.md.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import argparse
 import csv
 import io
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, load_plan
+from helpers.batch_plan import TRAIN, Plan, Point, check_notebooks, check_workers, load_plan
+from helpers.batch_ray import import_ray, run_points, use_ray
 from helpers.config import RunConfig
 from helpers.environment import mount_drive_if_needed
 from helpers.local_models import TINY_MODEL_DIR
@@ -64,7 +69,8 @@ def point_status(point: Point, notebooks: tuple[str, ...]) -> str:
 
 def run_point(point: Point, notebooks: tuple[str, ...]) -> str:
     """Run a point's notebooks that are not done yet; a failure is recorded with its error and returned."""
-    record = {**_point_record(point), "name": point.name, "values": point.values, "status": "running", "error": None}
+    record = {**_point_record(point), "name": point.name, "values": point.values, "status": "running", "error": None,
+              "host": socket.gethostname(), "pid": os.getpid()}
     record.setdefault("notebooks", {})
     for notebook in notebooks:
         if notebook_done(point, notebook):
@@ -87,35 +93,81 @@ def run_point(point: Point, notebooks: tuple[str, ...]) -> str:
     return "finished"
 
 
-def run_batch(plan: Plan | str | Path, retry_failed: bool = True, out_root: str | Path | None = None) -> BatchResult:
-    """Run every point not finished yet (failed ones too unless retry_failed=False), then write the summary."""
-    from tqdm.auto import tqdm
-
+def run_batch(plan: Plan | str | Path, retry_failed: bool = True, out_root: str | Path | None = None,
+              workers: int | str | None = None, address: str | None = None) -> BatchResult:
+    """Run every point not finished yet (failed ones too unless retry_failed=False), then write the summary.
+    workers (default: the plan's) above 1 runs that many points at once through Ray; so does 'auto' with several
+    GPUs here, or an address (or RAY_ADDRESS) of a Ray cluster, where 'auto' means one point per GPU there."""
     plan = plan if isinstance(plan, Plan) else load_plan(plan, out_root)
+    workers = plan.workers if workers in (None, "") else check_workers(workers)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     check_notebooks(plan.notebooks)
     mount_drive_if_needed(str(plan.out_dir))
     check_recorded_parameters(plan)
     statuses = [point_status(p, plan.notebooks) for p in plan.points]
     todo = [p for p, status in zip(plan.points, statuses)
             if status != "finished" and (retry_failed or status != "failed")]
-    log.info("batch %s: %d points; %d to run, %d finished%s", plan.name, len(plan.points), len(todo),
-             statuses.count("finished"), "" if retry_failed else " (failed points left as they are)")
+    parallel = bool(todo) and use_ray(workers, address)
+    log.info("batch %s: %d points; %d to run, %d finished%s; %s", plan.name, len(plan.points), len(todo),
+             statuses.count("finished"), "" if retry_failed else " (failed points left as they are)",
+             f"through Ray, workers {workers}" if parallel else "one at a time")
+    if parallel:
+        import_ray()  # not installed: say so before anything runs
     use_offline_hub_when_local([p.config for p in plan.points])
     _prepare_models(plan, todo)
-    ran, failed, started = [], 0, time.perf_counter()
+    progress = BatchProgress(plan.name, len(todo))
     try:
-        with tqdm(todo, desc=f"batch {plan.name}", unit="point", disable=not todo) as bar:
-            for index, point in enumerate(bar, start=1):
-                bar.set_postfix_str(point.name + (f", {failed} failed so far" if failed else ""))
-                status = run_point(point, plan.notebooks)
-                ran.append(point.name)
-                failed += status == "failed"
-                log.info("[%d/%d] %s %s; %d left, %.0f s elapsed", index, len(todo), point.name, status,
-                         len(todo) - index, time.perf_counter() - started)
+        if parallel:
+            run_points(todo, run_point, (plan.notebooks,), workers, address, plan.out_dir, progress, record_crash)
+        else:
+            for point in todo:
+                progress.started(point)
+                progress.ended(point, run_point(point, plan.notebooks))
     finally:
+        progress.close()
         result = write_summary(plan)
-        result.ran = ran
+        result.ran = progress.ran
     return result
+
+
+class BatchProgress:
+    """Points done, running and failed: a bar (a widget in a notebook) and a log line as each point ends."""
+
+    def __init__(self, name: str, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=f"batch {name}", unit="point", disable=not total)
+        self.total, self.failed, self.started_at = total, 0, time.perf_counter()
+        self.ran: list[str] = []
+        self.running: list[str] = []
+
+    def started(self, point: Point) -> None:
+        self.ran.append(point.name)
+        self.running.append(point.name)
+        self._show()
+
+    def ended(self, point: Point, status: str) -> None:
+        self.running.remove(point.name)
+        self.failed += status == "failed"
+        self.bar.update(1)
+        self._show()
+        log.info("[%d/%d] %s %s; %d running, %d waiting, %.0f s elapsed", self.bar.n, self.total, point.name, status,
+                 len(self.running), self.total - len(self.ran), time.perf_counter() - self.started_at)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _show(self) -> None:
+        self.bar.set_postfix_str(f"running {', '.join(self.running) or 'none'}"
+                                 + (f"; {self.failed} failed" if self.failed else ""))
+
+
+def record_crash(point: Point, reason: str) -> str:
+    """Record a point whose run ended outside its notebooks (its worker died) as failed, with the reason."""
+    write_json(point.run_dir / POINT_RECORD, {**_point_record(point), "name": point.name, "values": point.values,
+                                               "status": "failed", "error": reason})
+    log.warning("point %s failed: %s", point.name, reason)
+    return "failed"
 
 
 def check_recorded_parameters(plan: Plan) -> None:
@@ -310,6 +362,10 @@ def main(argv: list[str] | None = None) -> BatchResult:
     parser.add_argument("--skip-failed", action="store_true", help="leave points that failed before; run only new or "
                         "interrupted ones")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; rewrite the summary and chart")
+    parser.add_argument("--workers", type=_workers_argument, help="points at once: a number, or auto (one per GPU; "
+                        "one at a time with one GPU or none); default: the plan's workers, else auto")
+    parser.add_argument("--address", help="a Ray cluster to run the points on, host:port (default: RAY_ADDRESS if "
+                        "set, else this machine)")
     args = parser.parse_args(argv)
     package_log = logging.getLogger("helpers")
     if not package_log.handlers:  # the point-by-point record on the terminal, timestamped
@@ -321,12 +377,20 @@ def main(argv: list[str] | None = None) -> BatchResult:
         plan = load_plan(args.plan, args.output_dir)
     started = time.perf_counter()
     with logging_redirect_tqdm(loggers=[logging.getLogger("helpers")]):
-        result = write_summary(plan) if args.summary_only else run_batch(plan, retry_failed=not args.skip_failed)
+        result = (write_summary(plan) if args.summary_only else
+                  run_batch(plan, retry_failed=not args.skip_failed, workers=args.workers, address=args.address))
     print(f"\n{result.markdown}")
     print(f"Ran {len(result.ran)} point(s){': ' + ', '.join(result.ran) if result.ran else ''} in "
           f"{time.perf_counter() - started:.0f} s. Summary: "
           f"{_shown(result.summary_md)}, {_shown(result.summary_csv)}; chart: {_shown(result.chart)}")
     return result
+
+
+def _workers_argument(text: str) -> int | str:
+    try:
+        return check_workers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 if __name__ == "__main__":

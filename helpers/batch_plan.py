@@ -1,5 +1,6 @@
 """Batch plans: a base profile, fixed overrides, a grid (lists are crossed) and extra points, expanded into points
-each with its own run_dir named from its values, every point validated before anything runs."""
+each with its own run_dir named from its values, every point validated before anything runs; and how many points
+run at once (workers)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from helpers.data import is_local_path
 from helpers.paths import NOTEBOOKS, PLANS, PROJECT_ROOT
 from helpers.project import load_profile
 
-PLAN_KEYS = ("name", "profile", "notebooks", "fixed", "grid", "points", "output_dir")
+PLAN_KEYS = ("name", "profile", "notebooks", "fixed", "grid", "points", "output_dir", "workers")
 TRAIN = "01_train_lora"
 # Short names for run_dir names; other parameters keep their own name.
 SHORT_NAMES = {"learning_rate": "lr", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -55,6 +56,7 @@ class Plan:
     out_dir: Path
     varied: tuple[str, ...]
     points: tuple[Point, ...]
+    workers: int | str = "auto"
 
 
 def plan_path(plan: str | Path) -> Path:
@@ -96,7 +98,22 @@ def load_plan(plan: str | Path, out_root: str | Path | None = None) -> Plan:
     combos = expand(_mapping(spec.get("grid"), "grid", path), spec.get("points") or [], path)
     varied = tuple(dict.fromkeys(key for combo in combos for key in combo))
     points = _named_points(combos, base, out_dir, path)
-    return Plan(name, path, spec["profile"], tuple(notebooks), out_dir, varied, tuple(points))
+    try:
+        workers = check_workers(spec.get("workers", "auto"))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return Plan(name, path, spec["profile"], tuple(notebooks), out_dir, varied, tuple(points), workers)
+
+
+def check_workers(workers: Any) -> int | str:
+    """How many points run at once: a positive number (digits in a string too), or 'auto' (one per GPU; one at a
+    time with one GPU or none)."""
+    if isinstance(workers, str) and workers.strip().isdigit():
+        workers = int(workers)
+    if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers > 0):
+        return workers
+    raise ValueError(f"workers {workers!r} is invalid; it must be a positive number of points run at once, or "
+                     "'auto' (one point per GPU; one at a time with one GPU or none)")
 
 
 def expand(grid: dict[str, Any], extra: list[dict[str, Any]], source: Path | str = "plan") -> list[dict[str, Any]]:

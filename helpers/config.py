@@ -114,6 +114,7 @@ class RunConfig:
     compare_runs: list[str] = field(default_factory=list)
     # batch runs
     batch_plan: str = "notebooks/plans/cpu_tiny_grid.yaml"
+    batch_workers: int | str = ""
     # Colab: where to clone this kit from when a notebook is opened on its own
     kit_repo: str = field(default_factory=kit_repo)
 
@@ -167,6 +168,9 @@ class RunConfig:
             _require("reference", self.reference, bool(self.sft_run_dir.strip()),
                      "'base' when no sft_run_dir is given (the 'sft' reference is a frozen copy of that run's adapter)")
         _require("prompts", self.prompts, all(p.strip() for p in self.prompts), "a list of non-empty strings")
+        _require("batch_workers", self.batch_workers, self.batch_workers in ("", "auto")
+                 or str(self.batch_workers).strip().isdigit() and int(self.batch_workers) > 0,
+                 "'' (the plan's workers), 'auto' (one point per GPU) or a positive number of points run at once")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values of every parameter."""
@@ -288,7 +292,13 @@ def _check_type(name: str, value: Any, expected: Any) -> Any:
     if typing.get_origin(expected) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (expected,) = [a for a in args if a is not type(None)]
+        accepted = [a for a in args if a is not type(None)]
+        if len(accepted) > 1:  # e.g. int | str: a value of any of them, as it is
+            if any(isinstance(value, a) and not (a is int and isinstance(value, bool)) for a in accepted):
+                return value
+            raise ValueError(f"{name} must be {' or '.join(a.__name__ for a in accepted)}, got {value!r} "
+                             f"({type(value).__name__})")
+        (expected,) = accepted
     if typing.get_origin(expected) is list:
         (item,) = typing.get_args(expected)
         if isinstance(value, tuple):

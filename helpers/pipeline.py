@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,21 @@ def run_notebook(name: str, params: dict[str, Any], out_dir: Path, progress_bar:
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{name}.ipynb"
     papermill.execute_notebook(str(notebook), str(output), parameters={k: v for k, v in params.items() if k in wanted},
-                               cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=progress_bar)
+                               cwd=str(PROJECT_ROOT), kernel_name="python3", progress_bar=progress_bar,
+                               config=_kernel_sockets())
     return output
+
+
+def _kernel_sockets():
+    """Where papermill and the kernel talk: on Linux and macOS Unix sockets of this kernel's own, not TCP ports on
+    localhost, which kernels started at the same moment (a batch's points in parallel) can both pick, one of them
+    then never starting."""
+    from traitlets.config import Config
+
+    if os.name != "posix":
+        return Config()
+    path = Path(tempfile.gettempdir()) / f"kernel-{secrets.token_hex(6)}"
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(path)}})
 
 
 def use_offline_hub_when_local(configs: list[RunConfig]) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import nbformat
@@ -17,7 +21,7 @@ from helpers.config import RunConfig
 from helpers.pipeline import run_notebook
 from helpers.paths import PLANS
 from tests.conftest import assert_token_in_no_file
-from helpers.records import update_run_record, write_json, write_train_log
+from helpers.records import read_train_log, update_run_record, write_json, write_train_log
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BROKEN = {"dataset": "no/such/file.jsonl"}
@@ -84,6 +88,9 @@ def test_same_looking_values_get_distinct_run_dirs_and_repeated_points_are_refus
     ({"gird": {"lora_r": [8]}}, r"unknown plan key\(s\) 'gird'"),
     ({"profile": "cpu_tine"}, r"profile 'cpu_tine' is unknown"),
     ({"notebooks": TRAIN}, r"notebooks must be a list"),
+    ({"workers": 0}, r"workers 0 is invalid; it must be a positive number of points run at once, or 'auto'"),
+    ({"workers": "all"}, r"workers 'all' is invalid"),
+    ({"workers": "-2"}, r"workers '-2' is invalid"),
 ])
 def test_a_bad_plan_fails_at_once_naming_the_point_and_the_parameter(tmp_path, monkeypatch, spec, message):
     calls = []
@@ -108,6 +115,15 @@ def test_shipped_plans_are_valid():
         plan = load_plan(path)
         assert len(plan.points) == 4 and plan.varied == ("learning_rate", "lora_r"), path.name
     assert RunConfig.batch_plan == "notebooks/plans/cpu_tiny_grid.yaml" and (PLANS / "cpu_tiny_grid.yaml").exists()
+
+
+def test_the_parallel_setting_is_checked_in_the_notebook_parameters_and_on_the_command_line(tmp_path, capsys):
+    assert [RunConfig(batch_workers=v).batch_workers for v in (4, "4", "auto", "")] == [4, "4", "auto", ""]
+    with pytest.raises(ValueError, match=r"batch_workers = 0 is invalid; it must be '' \(the plan's workers\), 'auto'"):
+        RunConfig(batch_workers=0)
+    with pytest.raises(SystemExit):
+        main([str(write_plan(tmp_path)), "--workers", "-1"])
+    assert "argument --workers: workers '-1' is invalid" in capsys.readouterr().err
 
 
 # --- the runner, with notebooks faked (fast) -------------------------------------------------------------------
@@ -175,6 +191,16 @@ def test_a_plan_edited_after_its_runs_is_refused_before_anything_runs(tmp_path, 
     assert calls == []
 
 
+def test_points_in_parallel_without_ray_installed_is_an_error_before_anything_runs(tmp_path, monkeypatch,
+                                                                                  project_root):
+    calls = []
+    monkeypatch.setattr(helpers.batch, "run_notebook", fake_notebooks(calls))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is not installed
+    with pytest.raises(ModuleNotFoundError, match="needs Ray, which is not installed here: pip install the ray line"):
+        run_batch(write_plan(tmp_path, grid={"lora_r": [8, 16]}), workers=2)
+    assert calls == []
+
+
 def test_summary_has_eval_figures_when_present_and_extra_log_columns_are_tolerated(tmp_path, monkeypatch, project_root):
     monkeypatch.setattr(helpers.batch, "run_notebook", fake_notebooks([]))
     plan = load_plan(write_plan(tmp_path, grid={"learning_rate": [0.01, 0.02]}))
@@ -205,22 +231,83 @@ def test_command_line_runs_the_plan_and_prints_the_comparison(tmp_path, monkeypa
     assert "Ran 0 point(s)" in capsys.readouterr().out
 
 
-# --- the real thing: the shipped offline plan through papermill ------------------------------------------------
+# --- the real thing: the shipped offline plan through papermill, one point at a time and through Ray -------------
 
-@pytest.mark.notebook
-def test_offline_plan_runs_records_a_broken_point_and_a_second_run_runs_nothing_new(tmp_path):
+GRID = ["lr0.005_r8", "lr0.005_r16", "lr0.002_r8", "lr0.002_r16", "data-file"]
+KILLED = GRID[0]  # its worker is killed while it trains, in the parallel run
+TIMING = {"runtime_s", "tokens_per_s", "peak_rss_gib", "peak_gpu_gib", "run_dir"}  # differ between any two runs
+
+
+@pytest.fixture(scope="module")
+def grid_plan(tmp_path_factory) -> Path:
+    """The shipped offline plan cut to a few steps, plus a point that fails (its data file is missing)."""
     spec = yaml.safe_load((PLANS / "cpu_tiny_grid.yaml").read_text())
     spec["fixed"].update(max_steps=4, save_steps=2)  # a few steps: each point costs mostly its notebook's imports
-    plan = write_plan(tmp_path, **{**spec, "name": "grid", "points": [BROKEN]})
+    return write_plan(tmp_path_factory.mktemp("batch"), **{**spec, "name": "grid", "points": [BROKEN]})
 
-    result = run_batch(plan)
-    names = ["lr0.005_r8", "lr0.005_r16", "lr0.002_r8", "lr0.002_r16", "data-file"]
-    assert result.ran == names
+
+@pytest.fixture(scope="module")
+def sequential_grid(grid_plan):
+    """The grid one point at a time, each kernel on one thread, as each point of the parallel run (two workers on
+    two cores) gets: the same thread count gives the same floats."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        return run_batch(grid_plan, workers=1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for this module, 2 CPUs wherever the suite runs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def kill_worker_while_training(run_dir: Path, killed: list[int]) -> None:
+    """Once the point's training has started, SIGKILL the Ray worker running it and the kernel under it."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        record, run = run_dir / "batch_point.json", run_dir / "run.json"
+        try:
+            pid = json.loads(record.read_text())["pid"] if record.exists() else None
+            training = run.exists() and json.loads(run.read_text())["status"] == "running"
+        except (json.JSONDecodeError, KeyError):  # a file being replaced: look again
+            pid, training = None, False
+        if pid and training:
+            worker = psutil.Process(pid)
+            for process in [worker, *worker.children(recursive=True)]:
+                process.kill()
+                killed.append(process.pid)
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def parallel_grid(local_ray, grid_plan):
+    """The same grid through Ray, two points at once, the first point's worker killed while it trains; then the
+    plan run again. Returns both results and the killed process ids."""
+    out_root, killed = grid_plan.parent / "parallel", []
+    killer = threading.Thread(target=kill_worker_while_training, args=(out_root / "grid" / KILLED, killed))
+    killer.start()
+    first = run_batch(grid_plan, out_root=out_root, workers=2)
+    killer.join()
+    return first, run_batch(grid_plan, out_root=out_root, workers=2), killed
+
+
+@pytest.mark.notebook
+def test_offline_plan_runs_records_a_broken_point_and_a_second_run_runs_nothing_new(grid_plan, sequential_grid,
+                                                                                    local_ray, monkeypatch):
+    result = sequential_grid
+    assert result.ran == GRID
     rows = read_summary(result)
-    assert list(rows) == names, "one row per point, in plan order"
-    assert {n: rows[n]["status"] for n in names} == {**{n: "finished" for n in names[:4]}, "data-file": "failed"}
+    assert list(rows) == GRID, "one row per point, in plan order"
+    assert {n: rows[n]["status"] for n in GRID} == {**{n: "finished" for n in GRID[:4]}, "data-file": "failed"}
     assert "no/such/file.jsonl" in rows["data-file"]["error"] and "does not exist" in rows["data-file"]["error"]
-    for name in names[:4]:
+    for name in GRID[:4]:
         assert float(rows[name]["final_loss"]) > 0 and float(rows[name]["tokens_per_s"]) > 0
         assert (result.plan.out_dir / name / f"{TRAIN}.ipynb").is_file()
         assert float(rows[name]["best_loss"]) <= float(rows[name]["final_loss"])
@@ -228,18 +315,67 @@ def test_offline_plan_runs_records_a_broken_point_and_a_second_run_runs_nothing_
     assert "| data-file |" in result.summary_md.read_text() and "Failed points" in result.summary_md.read_text()
     assert result.chart.read_bytes()[:8] == PNG
 
-    # Again, through the batch notebook: finished points are not touched; only the failed one is tried again.
-    executed = {n: (result.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in names}
-    notebook = run_notebook("05_batch", {"batch_plan": str(plan)}, tmp_path / "nb")
-    again = {n: (result.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in names}
-    assert {n: again[n] for n in names[:4]} == {n: executed[n] for n in names[:4]}
+    # Again, through the batch notebook, two points at once on the module's Ray (its address as a user's cluster):
+    # finished points are not touched; only the failed one is tried again.
+    executed = {n: (result.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in GRID}
+    monkeypatch.setenv("RAY_ADDRESS", local_ray.get_runtime_context().gcs_address)
+    notebook = run_notebook("05_batch", {"batch_plan": str(grid_plan), "batch_workers": 2}, grid_plan.parent / "nb")
+    again = {n: (result.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in GRID}
+    assert {n: again[n] for n in GRID[:4]} == {n: executed[n] for n in GRID[:4]}
     assert again["data-file"] != executed["data-file"]
     outputs = [o for c in nbformat.read(notebook, as_version=4).cells for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
     assert "ran 1 point(s): data-file" in text
+    assert "batch grid: 100%" in text and "running none; 1 failed" in text, "the bar shows running and failed points"
     shown = [o["data"] for o in outputs if "data" in o]
     assert any("image/png" in d for d in shown), "the notebook shows the loss curves inline"
     table = "| lr0.005_r8 | 0.005 | 8 | helpers/data/sample_dpo.jsonl | finished |"
     assert any(table in d.get("text/markdown", "") for d in shown), "the notebook shows the summary table inline"
-    assert json.loads((result.plan.out_dir / "data-file" / "batch_point.json").read_text())["status"] == "failed"
-    assert assert_token_in_no_file(tmp_path) > 10, "the Hub token leaked into a batch file"
+    record = json.loads((result.plan.out_dir / "data-file" / "batch_point.json").read_text())
+    assert record["status"] == "failed" and record["pid"] != os.getpid(), "run in a Ray worker"
+    assert assert_token_in_no_file(grid_plan.parent) > 10, "the Hub token leaked into a batch file"
+
+
+@pytest.mark.notebook
+def test_two_workers_give_the_sequential_training_logs_and_summary(sequential_grid, parallel_grid):
+    _, parallel, _ = parallel_grid
+    for name in GRID[1:4]:  # each point trained straight through: the very same log
+        assert ((parallel.plan.out_dir / name / "train_log.csv").read_text()
+                == (sequential_grid.plan.out_dir / name / "train_log.csv").read_text()), name
+    # The killed point trained again from the start or resumed from a checkpoint: the same losses, to float noise.
+    resumed, straight = (read_train_log(r.plan.out_dir / KILLED / "train_log.csv") for r in (parallel, sequential_grid))
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), f"step {a['step']}"
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in parallel.rows] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in sequential_grid.rows]
+    assert parallel.markdown.split("| point |")[0] == sequential_grid.markdown.split("| point |")[0]
+    assert parallel.chart.read_bytes()[:8] == PNG
+
+
+@pytest.mark.notebook
+def test_a_killed_worker_fails_its_point_the_others_go_on_and_a_rerun_runs_only_it(parallel_grid):
+    first, again, killed = parallel_grid
+    assert len(killed) == 2, "the worker and its kernel were killed while the point trained"
+    assert first.ran == GRID
+    statuses, errors = ({r["point"]: r[key] for r in first.rows} for key in ("status", "error"))
+    assert statuses == {KILLED: "failed", **{n: "finished" for n in GRID[1:4]}, "data-file": "failed"}, errors
+    error = errors[KILLED]
+    assert "its Ray worker died" in error and "resumes its training" in error
+    run_dir = first.plan.out_dir / KILLED
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"  # after the rerun
+    assert again.ran == [KILLED, "data-file"], "finished points are skipped, failed ones tried again"
+    assert {r["point"]: r["status"] for r in again.rows} == {**{n: "finished" for n in GRID[:4]}, "data-file": "failed"}
+
+
+@pytest.mark.notebook
+def test_an_edited_plan_is_refused_before_any_worker_starts(grid_plan, parallel_grid):
+    first, _, _ = parallel_grid
+    executed = {n: (first.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in GRID}
+    spec = yaml.safe_load(grid_plan.read_text())
+    spec["fixed"]["max_steps"] = 5
+    edited = grid_plan.with_name("edited.yaml")
+    edited.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=rf"point '{KILLED}': .* other parameters \(max_steps 4 there, 5 in the plan"):
+        run_batch(edited, out_root=grid_plan.parent / "parallel", workers=2)
+    assert {n: (first.plan.out_dir / n / f"{TRAIN}.ipynb").stat().st_mtime_ns for n in GRID} == executed
