@@ -7,7 +7,14 @@ are the real model's; the loss from random weights means nothing.
 
     python bench/standin.py /dev/shm/llama8b                                 # pre-quantized in 4-bit (needs CUDA)
     python bench/standin.py /dev/shm/llama8b --sixteen-bit /dev/shm/llama8b-16   # keep the 16-bit weights too
+    python bench/standin.py --hub-cache unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit \
+        --sixteen-bit unsloth/DeepSeek-R1-Distill-Llama-8B   # as if downloaded: the kit uses the Hub ids offline
     python bench/standin.py --tokenizer-only /tmp/tok                         # the tokenizer alone (on the CPU)
+
+With --hub-cache the names are Hub ids, and the models go into the Hugging Face cache (HF_HUB_CACHE, by default
+~/.cache/huggingface/hub) as a download would leave them, so that with HF_HUB_OFFLINE=1 a run names the real
+model_name and takes the path a user's does (the kit's offline check, transformers, and unsloth finding the 16-bit
+original of a pre-quantized base for merged_16bit).
 """
 from __future__ import annotations
 
@@ -102,6 +109,20 @@ def check_tokenizer(tokenizer, texts: list[str]) -> None:
             raise ValueError(f"the rebuilt tokenizer differs from Llama 3's on {text[:80]!r}")
 
 
+def hub_cache_folder(repo_id: str) -> Path:
+    """The snapshot folder a download of repo_id would fill in the Hugging Face cache (its ref `main` pointing to
+    it), created empty."""
+    import hashlib
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    revision = hashlib.sha1(f"kit stand-in {repo_id}".encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
 def build_standin(out: str | Path, sixteen_bit_dir: str | Path | None = None, seed: int = 0) -> Path:
     """The random-init 8B shape with Llama 3's tokenizer, pre-quantized in 4-bit (bitsandbytes NF4, double
     quantization, its quantization_config in config.json) at out; with sixteen_bit_dir, the 16-bit weights it was
@@ -147,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--sixteen-bit", metavar="DIR", help="keep the 16-bit weights in DIR")
+    parser.add_argument("--hub-cache", action="store_true",
+                        help="out_dir and --sixteen-bit are Hub ids: build into the Hugging Face cache")
     parser.add_argument("--tokenizer-only", action="store_true", help="write the tokenizer alone (no CUDA needed)")
     args = parser.parse_args(argv)
     if args.tokenizer_only:
@@ -155,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
                                     .read_text(encoding="utf-8").splitlines() for row in json.loads(line).values()])
         tokenizer.save_pretrained(args.out_dir)
         print(args.out_dir)
+        return
+    if args.hub_cache:
+        sixteen_bit = hub_cache_folder(args.sixteen_bit) if args.sixteen_bit else None
+        print(build_standin(hub_cache_folder(args.out_dir), sixteen_bit))
         return
     print(build_standin(args.out_dir, args.sixteen_bit))
 
