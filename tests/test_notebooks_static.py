@@ -93,3 +93,10 @@ def test_every_config_field_is_some_notebooks_parameter():
     declared = set().union(*(notebook_parameter_names(p) for p in NOTEBOOK_PATHS))
     missing = {f.name for f in dataclasses.fields(RunConfig)} - declared
     assert not missing, f"config fields no notebook accepts: {missing}"
+
+
+def test_the_parameters_page_is_made_from_the_notebooks():
+    from helpers.parameter_docs import PAGE, parameters_markdown
+
+    assert PAGE.read_text(encoding="utf-8") == parameters_markdown(), \
+        "docs/parameters.md is out of date: run `python -m helpers.parameter_docs`"
