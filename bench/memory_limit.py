@@ -8,8 +8,8 @@ as on Colab. The command joins the group before it starts (nothing runs outside 
 
 Prints one JSON line: limit, exit code, whether the OOM killer struck, seconds, peak anonymous memory of the
 group (sampled from memory.stat every 0.2 s: a spike shorter than that can be missed), the group's peak usage
-as the kernel counts it (exact; page cache included, so an upper bound), the command's own peak RSS (wait4),
-and how it was limited. Exits with the command's exit code.
+as the kernel counts it (exact; page cache included, so an upper bound), the command's own peak RSS (wait4,
+which also counts the few MB of this launcher a forked child starts with), and how it was limited. Exits with the command's exit code.
 Where no memory cgroup can be made it says so and exits 3 without running the command (never unlimited).
 
 Usage: python bench/memory_limit.py 12.7GB -- python -m helpers.pipeline ...
