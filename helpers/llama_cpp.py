@@ -109,8 +109,10 @@ def build(folder: Path, jobs: int | None = None) -> Path:
         work = Path(temporary)
         archive = work / "out" / SOURCE_ARCHIVE
         archive.parent.mkdir()
-        source = _unpack_source(_source_file(work), work / "source")
-        pack_source(source, archive)
+        # built from the trimmed source it keeps, as a machine without network builds from a copy of it
+        pack_source(_unpack_source(_source_file(work), work / "full"), archive)
+        shutil.rmtree(work / "full")
+        source = _unpack_source(archive, work / "source")
         jobs = jobs or os.cpu_count() or 1
         log.info("building %s with cmake on %d jobs (once: 5-15 minutes on 2 cores)", ", ".join(TOOLS), jobs)
         _run(["cmake", "-S", str(source), "-B", str(work / "build"), *CMAKE_OPTIONS], "configuring llama.cpp")
