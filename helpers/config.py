@@ -29,7 +29,7 @@ LONG_ROWS = ("truncate", "drop")
 RESUME = ("auto", "never")
 REPORT_TO = ("none", "tensorboard", "wandb")
 MICRO_BATCHING = ("auto", "recipe")
-EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf")
+EXPORT_FORMATS = ("lora", "merged_16bit", "merged_4bit", "gguf", "gguf_lora")
 # A curated subset of trl's DPOConfig.loss_type values: the pairwise losses that need nothing but chosen/rejected.
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down")
 DPO_REFERENCES = ("base", "sft")

@@ -1,26 +1,30 @@
-"""Exporting a finished run in the formats people deploy (LoRA adapter, merged 16-bit, merged 4-bit, GGUF).
+"""Exporting a finished run in the formats people deploy (LoRA adapter, merged 16-bit, merged 4-bit, GGUF of the
+merged model, GGUF of the adapter alone).
 
 Each format is written into a hidden temporary folder that is renamed to run_dir/export/<format>/ only once it
-is complete, loaded back, and its greedy answer to a fixed prompt compared with the tuned model's, as a whole
-and token by token (teacher-forced agreement); the result is recorded in run_dir/export/manifest.json.
+is complete (on Colab with run_dir on Drive, the large ones to the runtime's disk: helpers.export_room), loaded
+back, and its greedy answer to a fixed prompt compared with the tuned model's, as a whole and token by token
+(teacher-forced agreement); every GGUF is also run by llama.cpp itself. The memory each format took is watched
+while it is written, and everything is recorded in run_dir/export/manifest.json.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from helpers.environment import peak_memory, release_memory, reset_peak_memory
-from helpers.gguf import (OFFLINE_QUANTIZATIONS, load_gguf, round_trip_texts, token_ids, tokenizer_round_trip,
-                          write_gguf)
+from helpers.environment import in_colab, peak_memory, release_memory, reset_peak_memory
+from helpers.export_room import (MEASURED_16BIT, MemoryWatch, available_memory, check_disk, drive_copy_verdict,
+                                 export_folder, how_to_keep)
+from helpers.gguf import ADAPTER_TYPE, QUANTIZER_TYPES, gguf_name, write_adapter_gguf, write_gguf
+from helpers.gguf_check import llama_cpp_check, load_gguf, round_trip_texts, token_ids, tokenizer_round_trip
+from helpers.llama_cpp import ensure_built
 from helpers.model_card import write_model_card
 from helpers.records import read_json, staged_folder, write_json
 from helpers.timing import recorded
@@ -29,9 +33,12 @@ log = logging.getLogger(__name__)
 
 # The order formats are saved in. On the GPU unsloth merges LoRA into the loaded 4-bit weights in place for
 # merged_4bit, so the tuned model in memory is no longer the one the other formats start from: it goes last.
-EXPORT_ORDER = ("lora", "merged_16bit", "gguf", "merged_4bit")
-# unsloth's save_method per format: current unsloth refuses plain "merged_4bit" and asks for the explicit one.
-SAVE_METHODS = {"lora": "lora", "merged_16bit": "merged_16bit", "merged_4bit": "merged_4bit_forced"}
+EXPORT_ORDER = ("lora", "gguf_lora", "merged_16bit", "gguf", "merged_4bit")
+# unsloth's save_method per format (the GGUFs start from the adapter or the merged 16-bit checkpoint): current
+# unsloth refuses plain "merged_4bit" and asks for the explicit one.
+SAVE_METHODS = {"lora": "lora", "gguf_lora": "lora", "merged_16bit": "merged_16bit", "gguf": "merged_16bit",
+                "merged_4bit": "merged_4bit_forced"}
+GGUF_FORMATS = ("gguf", "gguf_lora")
 # What every format is compared with: the tuned model in memory (the base as loaded, with the adapter). lora and
 # merged_4bit are made from those very weights. merged_16bit is merged into the base's original 16-bit weights
 # (for a pre-quantized base unsloth fetches them: `unsloth/X` for `unsloth/X-unsloth-bnb-4bit`), so after a 4-bit
@@ -84,50 +91,22 @@ def describe_files(folder: Path) -> list[dict[str, Any]]:
     return files
 
 
-def llama_cpp_problem() -> str | None:
-    """Why unsloth cannot make GGUF files here (no llama.cpp and no way to fetch it), or None."""
-    from unsloth_zoo.llama_cpp import LLAMA_CPP_DEFAULT_DIR, check_llama_cpp
+def bytes_needed(export_format: str, model, quantization: str) -> int:
+    """Disk an export of a merged model needs while it is written: the merged 16-bit checkpoint (2 bytes a
+    parameter), for a GGUF also the file (llama.cpp's bits per weight), and for a k-quant the 16-bit GGUF
+    llama-quantize reads."""
+    from unsloth_zoo.disk_utils import GGUF_BITS_PER_WEIGHT, model_16bit_bytes
 
-    folders = (LLAMA_CPP_DEFAULT_DIR, os.path.join(os.getcwd(), "llama.cpp"))
-    for folder in folders:
-        with contextlib.suppress(Exception):
-            check_llama_cpp(llama_cpp_folder=folder)
-            return None
-    offline = any(os.environ.get(name, "").strip().upper() in ("1", "ON", "TRUE", "YES")
-                  for name in ("UNSLOTH_LLAMA_CPP_OFFLINE", "UNSLOTH_OFFLINE"))
-    if not offline:
-        try:
-            socket.create_connection(("github.com", 443), timeout=5).close()
-            return None  # unsloth can fetch or build llama.cpp on first use
-        except OSError:
-            pass
-    return (f"GGUF needs llama.cpp, which is not installed (looked in {' and '.join(folders)}) and cannot be "
-            "fetched or built without network access to github.com. Install and build llama.cpp there (or set "
-            "UNSLOTH_LLAMA_CPP_PATH to a built copy), then run this notebook again with formats=['gguf'].")
+    sixteen_bit = model_16bit_bytes(model)
+    if export_format != "gguf":
+        return sixteen_bit
+    return int(sixteen_bit * (1 + (quantization in QUANTIZER_TYPES) + GGUF_BITS_PER_WEIGHT[quantization] / 16))
 
 
-# Host memory a merged 16-bit export took, per byte it wrote: measured on the H200 for the 8B stand-in (2026-11-30,
-# bench/gpu_colab_t4.sh), the merge and its 4-bit reload check peaked at 31.8 GiB RSS for 14.96 GiB written.
-MERGE_RAM_PER_BYTE = 31.8 / 14.96
-
-
-def check_room(model, folder: Path) -> None:
-    """Refuse a merged 16-bit save (merged_16bit, and gguf made from it) that would not fit the disk folder lies on
-    (2 bytes a parameter: 16 GB for an 8B model, more than a free Google Drive holds) or this machine's memory
-    (about twice that, measured: a free Colab's 12.7 GB would kill the runtime), before anything is written."""
-    import psutil
-    from unsloth_zoo.disk_utils import model_16bit_bytes
-
-    need, free = model_16bit_bytes(model), shutil.disk_usage(folder.parent).free  # folder itself may not exist yet
-    if need > free:
-        raise RuntimeError(f"a merged 16-bit checkpoint needs about {need / 1e9:.1f} GB in {folder.parent}, where "
-                           f"{free / 1e9:.1f} GB are free; free space there, or leave merged_16bit and gguf out of "
-                           "formats (the lora adapter is far smaller)")
-    ram, total = need * MERGE_RAM_PER_BYTE, psutil.virtual_memory().total
-    if ram > total:
-        raise RuntimeError(f"a merged 16-bit checkpoint of this model needs about {ram / 1e9:.0f} GB of memory to "
-                           f"write and check (measured: 31.8 GiB for an 8B model), and this machine has "
-                           f"{total / 1e9:.1f} GB; export it on a machine with more memory, or keep the lora adapter")
+def check_room(export_format: str, model, config, folder: Path) -> None:
+    """Refuse a merged export (merged_16bit, gguf) that would not fit the disk folder lies on, before anything
+    is written. Memory is not predicted: the merge is attempted and watched (MemoryWatch)."""
+    check_disk(bytes_needed(export_format, model, config.gguf_quantization), folder, MEASURED_16BIT)
 
 
 def merge_memory_share(config) -> float:
@@ -144,42 +123,28 @@ def merge_memory_share(config) -> float:
     return share
 
 
-def _save(export_format: str, model, tokenizer, config, folder: Path) -> None:
-    """Write one format into folder through unsloth's own save methods."""
-    if export_format != "gguf":
-        if export_format == "merged_16bit":
-            check_room(model, folder)
+def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[str, Any]:
+    """Write one format into folder through unsloth's own save methods (and llama.cpp's converters for the
+    GGUFs); returns the steps run in processes of their own, with their seconds and peak memory."""
+    if export_format in ("merged_16bit", "gguf"):
+        check_room(export_format, model, config, folder)
+    if export_format not in GGUF_FORMATS:
         model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format],
                                      maximum_memory_usage=merge_memory_share(config))
         if export_format != "lora":
             _check_merged(folder)
-        return
-    if config.gguf_quantization in OFFLINE_QUANTIZATIONS:  # llama.cpp's converter, in Python: no build needed
-        merged = folder / "merged"
-        _save("merged_16bit", model, tokenizer, config, merged)
-        write_gguf(merged, folder, config)
-        shutil.rmtree(merged)
-        return
-    problem = llama_cpp_problem()
-    if problem:
-        raise RuntimeError(problem)
-    staging = folder / "staging"
-    try:
-        result = model.save_pretrained_gguf(str(staging), tokenizer, quantization_method=config.gguf_quantization)
-    except Exception as error:
-        raise RuntimeError(f"unsloth's save_pretrained_gguf failed (it needs llama.cpp, fetched or built on first "
-                           f"use): {error}") from error
-    # The CPU backend returns the paths and writes them into staging; the GPU one returns a dict and writes
-    # them into the sibling staging_gguf. Either way only the GGUF files (and an Ollama Modelfile) are kept.
-    paths = result.get("gguf_files", []) if isinstance(result, dict) else list(result or [])
-    gguf_dir = Path(paths[0]).parent if paths else staging
-    for path in [*map(Path, paths), gguf_dir / "Modelfile"]:
-        if path.is_file():
-            shutil.move(str(path), folder / path.name)
-    for leftover in (staging, Path(f"{staging}_gguf")):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if not any(folder.glob("*.gguf")):
-        raise RuntimeError(f"unsloth's save_pretrained_gguf wrote no .gguf file (it returned {result!r})")
+        return {}
+    ensure_built()  # llama.cpp's tools before the merge (built once, minutes): no checkpoint made for nothing
+    source = folder / ("merged" if export_format == "gguf" else "adapter")  # deleted once converted
+    model.save_pretrained_merged(str(source), tokenizer, save_method=SAVE_METHODS[export_format],
+                                 maximum_memory_usage=merge_memory_share(config))
+    if export_format == "gguf":
+        _check_merged(source)
+        steps = write_gguf(source, folder, config, tokenizer)
+    else:
+        steps = write_adapter_gguf(source, folder, config, tokenizer)
+    shutil.rmtree(source)
+    return steps
 
 
 def _check_merged(folder: Path) -> None:
@@ -243,6 +208,9 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
                  tuned: tuple) -> dict[str, Any]:
     """Load the export back and compare its greedy answer to the check prompt with the tuned model's (`tuned`:
     the model and tokenizer in memory): the whole answer, and the token-by-token agreement."""
+    if export_format == "gguf" and (problem := gguf_reload_problem(tuned[0], precision)):
+        log.warning("transformers' reload of the GGUF is skipped: %s", problem)
+        return {"loaded": False, "skipped": problem}
     loaded = False
     try:
         with _loaded(export_format, folder, config, precision, tuned) as (model, tokenizer):
@@ -261,30 +229,87 @@ def reload_check(export_format: str, folder: Path, config, precision: str, expec
             "token_agreement": round(agreement, 4), "answer": answer, "expected": expected["text"], **tokenizer_check}
 
 
+def gguf_reload_problem(model, precision: str) -> str | None:
+    """Why transformers' reload of a GGUF cannot be afforded here, or None: it dequantizes the whole model into
+    host memory (16 GB in fp16 for an 8B model), about twice that at its peak. llama.cpp's run is the GGUF's
+    check that users' tools make; this one is extra, and skipped rather than risk the runtime."""
+    from unsloth_zoo.disk_utils import model_logical_numel
+
+    need = 2 * model_logical_numel(model) * (4 if precision == "fp32" else 2)
+    available = available_memory()
+    if available is None or need <= available:
+        return None
+    return (f"dequantized in {precision} it takes about {need / 1e9:.1f} GB of host memory at its peak, and "
+            f"{available / 1e9:.1f} GB are available here")
+
+
+def run_in_llama_cpp(export_format: str, folder: Path, config, expected: dict[str, Any], tokenizer,
+                     steps: dict[str, Any]) -> dict[str, Any]:
+    """Run the GGUF in llama.cpp (the adapter on the base GGUF its steps made) and compare its greedy answer with
+    the tuned one."""
+    from helpers.prompts import format_generation_prompt
+
+    prompt = format_generation_prompt(config.prompt_template, CHECK_PROMPT, tokenizer, config.system_prompt)
+    if export_format == "gguf":
+        return llama_cpp_check(folder / gguf_name(config.run_dir, config.gguf_quantization), prompt, expected,
+                               tokenizer, CHECK_TOKENS)
+    adapter = folder / gguf_name(config.run_dir, ADAPTER_TYPE, adapter=True)
+    return llama_cpp_check(Path(steps["base_gguf"]["path"]), prompt, expected, tokenizer, CHECK_TOKENS, lora=adapter)
+
+
+def _location(final: Path, config) -> str:
+    """The manifest's path of a format: relative to run_dir when it lies there, else absolute."""
+    run_dir = Path(config.run_dir)
+    return final.relative_to(run_dir).as_posix() if final.is_relative_to(run_dir) else str(final)
+
+
+def _copy_to_drive(entry: dict[str, Any], final: Path, config) -> dict[str, Any]:
+    """For a format written to the Colab runtime's disk: copy it into run_dir/export on Drive where it fits, and
+    say where it is and how to keep what stays behind."""
+    target = export_dir(config.run_dir) / entry["format"]
+    files = [f["name"] for f in entry["files"]]
+    verdict = drive_copy_verdict(entry["total_bytes"], shutil.disk_usage(target.parent).free)
+    if verdict is None:
+        with staged_folder(target) as folder:
+            shutil.copytree(final, folder, dirs_exist_ok=True)
+        return {"written_to": str(final), "copied_to": target.relative_to(config.run_dir).as_posix()}
+    return {"written_to": str(final), "not_copied": verdict, "to_keep_it": how_to_keep(final, files)}
+
+
 @recorded("export {export_format}")
-def export_format(export_format: str, model, tokenizer, config, precision: str,
-                  expected: dict[str, Any]) -> dict[str, Any]:
+def export_format(export_format: str, model, tokenizer, config, precision: str, expected: dict[str, Any],
+                  progress=None) -> dict[str, Any]:
     """Save one format through a temporary folder, write its model card, reload and check it; return its record.
+    While it is written its memory is watched; progress (if given) gets the entry with the peaks so far.
 
     unsloth refusing the format (NotImplementedError) is recorded as 'refused' with its reason, any other
     error (a failed reload check too) as 'failed'; neither leaves a folder behind, and an earlier export of the
     format stays as it was.
     """
-    final = export_dir(config.run_dir) / export_format
-    entry: dict[str, Any] = {"format": export_format, "path": final.relative_to(config.run_dir).as_posix()}
-    if export_format == "gguf":
+    final = export_folder(export_format, config.run_dir, in_colab())
+    entry: dict[str, Any] = {"format": export_format, "path": _location(final, config)}
+    if export_format in GGUF_FORMATS:
         entry["quantization"] = config.gguf_quantization
-    else:
-        entry["save_method"] = SAVE_METHODS[export_format]
+    entry["save_method"] = SAVE_METHODS[export_format]
     started = time.perf_counter()
     reset_peak_memory()
+    report = (lambda peaks: progress({**entry, "status": "running", "memory_so_far": peaks})) if progress else None
     try:
         with staged_folder(final) as folder:
-            _save(export_format, model, tokenizer, config, folder)
+            with MemoryWatch(report) as watch:
+                entry["steps"] = _save(export_format, model, tokenizer, config, folder)
+            entry["memory_while_written"] = watch.peaks()
             write_model_card(folder, config, export_format)
-            entry["reload"] = reload_check(export_format, folder, config, precision, expected, (model, tokenizer))
-            if "error" in entry["reload"]:  # a format that does not load back is not exported
-                raise RuntimeError(f"the reload check failed: {entry['reload']['error']}")
+            with MemoryWatch(report) as watch:
+                if export_format != "gguf_lora":  # transformers cannot load an adapter GGUF; llama.cpp checks it
+                    entry["reload"] = reload_check(export_format, folder, config, precision, expected,
+                                                   (model, tokenizer))
+                    if "error" in entry["reload"]:  # a format that does not load back is not exported
+                        raise RuntimeError(f"the reload check failed: {entry['reload']['error']}")
+                if export_format in GGUF_FORMATS:
+                    entry["llama_cpp"] = run_in_llama_cpp(export_format, folder, config, expected, tokenizer,
+                                                          entry["steps"])
+            entry["memory_while_checked"] = watch.peaks()
             entry["files"] = describe_files(folder)
     except NotImplementedError as error:
         log.warning("%s refused by unsloth: %s", export_format, error)
@@ -294,13 +319,16 @@ def export_format(export_format: str, model, tokenizer, config, precision: str,
         reason = str(error) if type(error) is RuntimeError else f"{type(error).__name__}: {error}"
         return {**entry, "status": "failed", "reason": reason}
     entry["total_bytes"] = sum(f["bytes"] for f in entry["files"])
+    if not final.is_relative_to(config.run_dir):
+        entry["where"] = _copy_to_drive(entry, final, config)
     entry["seconds"] = round(time.perf_counter() - started, 1)
     entry["memory"] = peak_memory()  # GPU peaks of this format's save and reload check; RSS of the process
     return {**entry, "status": "ok"}
 
 
 def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
-    """Export every requested format; returns the manifest, rewritten to export/manifest.json after each one.
+    """Export every requested format; returns the manifest, rewritten to export/manifest.json after each one
+    (and every few seconds while a format is written, with its memory so far).
 
     Entries of formats exported by an earlier call and not asked for now are kept.
     """
@@ -310,7 +338,7 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     manifest = read_json(path) if path.exists() else {"formats": {}}
     expected = greedy_answer(model, tokenizer, config)
     if "gguf" in config.formats:  # the texts whose token ids the GGUF file's tokenizer must reproduce
-        texts = round_trip_texts(tokenizer, config)
+        texts = round_trip_texts(tokenizer, config, CHECK_PROMPT)
         expected.update(texts=texts, token_ids=token_ids(tokenizer, texts))
     manifest.update(run_dir=str(config.run_dir), base_model=config.model_name,
                     check={"prompt": CHECK_PROMPT, "max_new_tokens": CHECK_TOKENS, "expected_answer": expected["text"],
@@ -318,26 +346,44 @@ def export_all(model, tokenizer, config, precision: str) -> dict[str, Any]:
     for name in sorted(set(config.formats), key=EXPORT_ORDER.index):
         log.info("exporting %s", name)
         previous = manifest["formats"].get(name)
-        manifest["formats"][name] = export_format(name, model, tokenizer, config, precision, expected)
-        if manifest["formats"][name]["status"] != "ok" and previous and (out / name).is_dir():
-            manifest["formats"][name]["previous"] = previous  # still on disk: what it is, not what was asked
+
+        def progress(running: dict[str, Any], name: str = name) -> None:
+            write_json(path, {**manifest, "formats": {**manifest["formats"], name: running}})
+
+        entry = export_format(name, model, tokenizer, config, precision, expected, progress)
+        if previous and previous.get("status") == "running":  # the process was killed while writing it
+            log.warning("the last export of %s did not finish; its memory then: %s", name, previous["memory_so_far"])
+            entry["killed_before"] = previous["memory_so_far"]
+        elif entry["status"] != "ok" and previous and export_folder(name, config.run_dir, in_colab()).is_dir():
+            entry["previous"] = previous  # still on disk: what it is, not what was asked
+        manifest["formats"][name] = entry
         manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(path, manifest)
     return manifest
 
 
 def manifest_markdown(manifest: dict[str, Any]) -> str:
-    """The manifest as a table: status, files, size and the reload check of each format."""
-    rows = ["| format | status | files | size | reloaded | same greedy answer | token agreement | note |",
-            "|---|---|---|---|---|---|---|---|"]
+    """The manifest as a table: status, size, the reload check, the llama.cpp run, peak memory and where each
+    format is (and how to keep it, where it is only on a Colab runtime's disk)."""
+    rows = ["| format | status | size | reloaded: same answer, token agreement | llama.cpp: same answer, token "
+            "agreement, prefix | peak anonymous / RSS GiB | where | note |", "|---|---|---|---|---|---|---|---|"]
     for name, entry in manifest["formats"].items():
-        reload = entry.get("reload", {})
-        note = entry.get("reason") or reload.get("error") or ""
+        reload, llama, where = entry.get("reload", {}), entry.get("llama_cpp", {}), entry.get("where", {})
+        memory = entry.get("memory_while_written", {})
+        note = (entry.get("reason") or reload.get("error") or where.get("to_keep_it")
+                or (f"transformers' reload skipped: {reload['skipped']}" if "skipped" in reload else ""))
         size = f"{entry['total_bytes'] / 2**20:.1f} MiB" if "total_bytes" in entry else ""
-        rows.append(f"| {name} | {entry['status']} | {len(entry.get('files', []))} | {size} | "
-                    f"{reload.get('loaded', '')} | {reload.get('same_answer', '')} | "
-                    f"{reload.get('token_agreement', '')} | {note.replace('|', '/')} |")
+        rows.append(f"| {name} | {entry['status']} | {size} | "
+                    f"{_pair(reload.get('same_answer'), reload.get('token_agreement'))} | "
+                    f"{_pair(llama.get('same_answer'), llama.get('token_agreement'))}"
+                    f"{'' if 'prefix_agreement' not in llama else ', ' + str(llama['prefix_agreement'])} | "
+                    f"{_pair(memory.get('peak_anon_gib'), memory.get('peak_rss_gib'), ' / ')} | "
+                    f"{where.get('copied_to') or entry.get('path', '')} | {note.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def _pair(first: Any, second: Any, between: str = ", ") -> str:
+    return "" if first is None and second is None else f"{first}{between}{second}"
 
 
 def check_all_exported(config, manifest: dict[str, Any]) -> None:

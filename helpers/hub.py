@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # One repository per format, named as unsloth names its own uploads: the merged 16-bit model under
 # hub_repo_id itself, the others beside it. A fixed name per format keeps later pushes from colliding.
-REPO_SUFFIXES = {"merged_16bit": "", "lora": "-lora", "merged_4bit": "-bnb-4bit", "gguf": "-GGUF"}
+REPO_SUFFIXES = {"merged_16bit": "", "lora": "-lora", "merged_4bit": "-bnb-4bit", "gguf": "-GGUF",
+                 "gguf_lora": "-lora-GGUF"}
 TOKEN_HELP = (
     "push_to_hub=True needs a Hugging Face token with write access, and none was found; nothing was written. "
     "On Colab: open Secrets (the key icon in the left bar), add a secret named HF_TOKEN holding a write token "

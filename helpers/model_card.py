@@ -15,6 +15,7 @@ FORMAT_TITLES = {
     "merged_16bit": "merged 16-bit weights",
     "merged_4bit": "merged 4-bit weights (bitsandbytes)",
     "gguf": "GGUF for llama.cpp and Ollama",
+    "gguf_lora": "LoRA adapter as GGUF, for llama.cpp and Ollama on a GGUF of the base model",
 }
 USAGE_QUESTION = "What's your favorite way to spend a rainy Sunday?"
 # (key in eval.json, label, digits)
@@ -67,9 +68,9 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export
 
 
 def _front_matter(p: dict[str, Any], export_format: str, dpo: bool = False) -> str:
-    library = {"lora": "peft", "gguf": "gguf"}.get(export_format, "transformers")
+    library = {"lora": "peft", "gguf": "gguf", "gguf_lora": "gguf"}.get(export_format, "transformers")
     lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
-    tags = ("unsloth", "trl", "dpo" if dpo else "sft", "lora", *(["gguf"] if export_format == "gguf" else []))
+    tags = ("unsloth", "trl", "dpo" if dpo else "sft", "lora", *(["gguf"] if export_format.startswith("gguf") else []))
     lines += [f"- {tag}" for tag in tags]
     if not is_local_path(p["model_name"]):
         lines.append(f"base_model: {p['model_name']}")
@@ -168,7 +169,13 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
            if p["prompt_template"] == "alpaca" else "--jinja -cnv  # chat in the model's own template")
     fetch = ("in this folder, " if is_local_path(source) else
              f"`huggingface-cli download {source} --local-dir {_title(source)}`, then in that folder ")
-    return (f"{intro}\n\nWith llama.cpp:\n\n```bash\nllama-cli -m {file} -n 256 {ask}\n```\n\n"
+    model = f"-m {file}"
+    if export_format == "gguf_lora":
+        intro += (f" This is the adapter alone: it runs on a GGUF of the base model `{p['model_name']}` (for a "
+                  "pre-quantized 4-bit base, its 16-bit original: the adapter was trained on top of those weights). "
+                  "The `Modelfile` names the base GGUF it was checked on and, for a known base, a published one.")
+        model = f"-m <base model>.gguf --lora {file}"
+    return (f"{intro}\n\nWith llama.cpp:\n\n```bash\nllama-cli {model} -n 256 {ask}\n```\n\n"
             f"With Ollama: the `Modelfile` beside the file wraps each message in the template the model was trained "
             f"with and stops at its EOS; {fetch}`ollama create my-model -f Modelfile`, then `ollama run my-model`.")
 

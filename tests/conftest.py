@@ -1,4 +1,5 @@
-"""Shared fixtures: one run of the whole notebook pipeline on the tiny profile, reused by the notebook tests."""
+"""Shared fixtures: one run of the whole notebook pipeline on the tiny profile, reused by the notebook tests, and one
+short SFT run of SmolLM2-135M-Instruct, reused by the real-model tests (evaluation, DPO, GGUF)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 # A random token for the whole session: no file a run writes may contain it (see test_secrets.py).
 HF_TOKEN_SENTINEL = "hf_" + secrets.token_hex(16)
+# The real-model SFT run: the cpu_smollm2 profile's recipe, fewer rows and steps, so the tier stays within a few
+# minutes on two cores.
+SMOLLM2_SFT = {"max_steps": 12, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 2,
+               "eval_steps": 12, "save_steps": 12}
 os.environ["HF_TOKEN"] = HF_TOKEN_SENTINEL
 
 import helpers.stack  # noqa: E402,F401  (unsloth before any test imports transformers, as in the notebooks)
@@ -64,3 +69,13 @@ def dpo_run(tiny_run, tmp_path_factory):
     overrides = {"sft_run_dir": str(tiny_run), "run_dir": str(run_dir), "max_steps": 4, "eval_steps": 2,
                  "save_steps": 2, "max_new_tokens": 16}
     return run_pipeline("cpu_tiny_dpo", overrides, ("06_preference_dpo", "03_evaluate"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_sft_run(tmp_path_factory):
+    """run_dir of setup -> SFT of SmolLM2-135M-Instruct on cpu_smollm2 (SMOLLM2_SFT's short settings), through
+    papermill; setup prepares the model once into outputs/_models."""
+    from helpers.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("real") / "sft"
+    return run_pipeline("cpu_smollm2", {**SMOLLM2_SFT, "run_dir": str(run_dir)}, ("00_setup", "01_train_lora"))

@@ -169,22 +169,25 @@ def test_end_to_end_notebook_trains_answers_evaluates_and_exports_in_one_kernel(
     assert len(images) >= 2, "the loss curve and the evaluation chart are shown inline"
 
 
-def test_a_merged_16bit_save_refuses_to_start_without_the_disk_or_memory_it_needs(monkeypatch, tmp_path):
+def test_a_merged_export_refuses_to_start_without_the_disk_it_needs_but_never_for_memory(monkeypatch, tmp_path):
     import psutil
     import unsloth_zoo.disk_utils as disk_utils
 
     import helpers.export as export
+    import helpers.export_room as export_room
 
     monkeypatch.setattr(disk_utils, "model_16bit_bytes", lambda model: 16 * 10**9)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=64 * 10**9))
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=15 * 10**9))
-    with pytest.raises(RuntimeError, match=r"needs about 16.0 GB in .*, where 15.0 GB are free"):
-        export.check_room(object(), tmp_path / "merged_16bit")
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=17 * 10**9))
-    export.check_room(object(), tmp_path / "merged_16bit")
+    monkeypatch.setattr(export_room.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=15 * 10**9))
+    with pytest.raises(RuntimeError, match=r"needs about 16.0 GB in .* \(2.0 bytes a parameter, measured: 14.96 GiB "
+                                           r"written .*\), where 15.0 GB are free"):
+        export.check_room("merged_16bit", object(), RunConfig(), tmp_path / "merged_16bit")
+    # a q4_k_m GGUF also holds the 16-bit GGUF llama-quantize reads, beside the merged checkpoint
+    with pytest.raises(RuntimeError, match=r"needs about 36.9 GB"):
+        export.check_room("gguf", object(), RunConfig(gguf_quantization="q4_k_m"), tmp_path / "gguf")
+    monkeypatch.setattr(export_room.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=17 * 10**9))
+    # a free Colab's 12.7 GB of memory is no reason to refuse: the merge is attempted and watched
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=int(12.7 * 10**9)))
-    with pytest.raises(RuntimeError, match=r"needs about 34 GB of memory .* this machine has 12.7 GB"):
-        export.check_room(object(), tmp_path / "merged_16bit")
+    export.check_room("merged_16bit", object(), RunConfig(), tmp_path / "merged_16bit")
 
 
 def test_merged_16bit_is_checked_in_4bit_when_the_run_trained_in_4bit():

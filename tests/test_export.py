@@ -215,29 +215,28 @@ def test_push_without_a_token_stops_the_notebook_before_anything_is_written(tiny
 
 
 @pytest.mark.notebook
-def test_formats_unsloth_cannot_make_here_are_recorded_and_the_others_complete(tiny_run, monkeypatch, tmp_path):
-    import helpers.stack  # noqa: F401  (unsloth before unsloth_zoo)
-    import unsloth_zoo.llama_cpp
-
+def test_formats_that_cannot_be_made_here_are_recorded_and_the_others_complete(tiny_run, monkeypatch, tmp_path):
     monkeypatch.chdir(PROJECT_ROOT)
-    monkeypatch.setattr(unsloth_zoo.llama_cpp, "LLAMA_CPP_DEFAULT_DIR", str(tmp_path / "no-llama.cpp"))
-    monkeypatch.setenv("UNSLOTH_LLAMA_CPP_OFFLINE", "1")  # as without network: never try to fetch or build it
+    # as on a machine without llama.cpp's tools, without network and with a wrong local source: GGUF cannot be had
+    monkeypatch.setenv("LORA_KIT_LLAMA_CPP", str(tmp_path / "no-tools"))
+    monkeypatch.setenv("LORA_KIT_LLAMA_CPP_SOURCE", str(tmp_path / "missing.tar.gz"))
     run = _copy_run(tiny_run, tmp_path / "run")
     params = read_json(run / "run.json")["parameters"]
     config = RunConfig.from_dict({**params, "run_dir": str(run), "formats": ["gguf", "merged_4bit", "lora"],
-                                  "gguf_quantization": "q4_k_m"})  # a k-quant: only llama.cpp makes it
+                                  "gguf_quantization": "q4_k_m"})
     model, tokenizer = load_trained_model(config, "fp32", run / "adapter")
     manifest = export_all(model, tokenizer, config, "fp32")
     entries = manifest["formats"]
     assert entries["lora"]["status"] == "ok" and entries["lora"]["reload"]["same_answer"] is True
     assert entries["gguf"]["status"] == "failed" and entries["gguf"]["quantization"] == "q4_k_m"
-    assert "llama.cpp" in entries["gguf"]["reason"] and "network" in entries["gguf"]["reason"]
+    assert "LORA_KIT_LLAMA_CPP_SOURCE" in entries["gguf"]["reason"], entries["gguf"]
     if not torch.cuda.is_available():  # unsloth's CPU backend does not merge into 4-bit weights
         assert entries["merged_4bit"]["status"] == "refused"
         assert "merged_4bit_forced" in entries["merged_4bit"]["reason"] and "CPU" in entries["merged_4bit"]["reason"]
     assert sorted(p.name for p in (run / "export").iterdir()) == ["lora", "manifest.json"]
+    assert not (tmp_path / "no-tools").exists()  # nothing half-built left where the tools would be
     assert read_json(run / "export/manifest.json") == manifest
-    with pytest.raises(RuntimeError, match="not exported: .*gguf .*llama.cpp"):
+    with pytest.raises(RuntimeError, match="not exported: .*gguf .*LORA_KIT_LLAMA_CPP_SOURCE"):
         check_all_exported(config, manifest)
 
 

@@ -11,9 +11,8 @@ from helpers.local_models import SMOLLM2_MODEL_DIR, build_smollm2
 from helpers.records import read_json
 
 pytestmark = [pytest.mark.notebook, pytest.mark.real_model]
-# Short runs (the profiles' recipe, fewer rows and steps) so the tier stays within a few minutes on two cores.
-SFT = {"max_steps": 12, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 2,
-       "eval_steps": 12, "save_steps": 12}
+# A short run (the profile's recipe, fewer rows and steps) so the tier stays within a few minutes on two cores;
+# the SFT run it continues is conftest's smollm2_sft_run, shared with the GGUF tests.
 DPO = {"max_steps": 10, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "warmup_steps": 1,
        "eval_steps": 10, "save_steps": 10}
 PROMPT = "Do you think it's weird to eat cereal for dinner?"  # one short answer: the tier is about the scores
@@ -56,13 +55,13 @@ def test_a_second_build_with_the_same_recipe_is_skipped(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def real_runs(smollm2_dir, tmp_path_factory):
-    """(SFT run_dir, DPO run_dir): setup -> SFT on cpu_smollm2, then DPO continuing it and its evaluation, which
-    scores base, SFT and SFT+DPO on the same held-out rows."""
+def real_runs(smollm2_sft_run, tmp_path_factory):
+    """(SFT run_dir, DPO run_dir): the shared SFT run on cpu_smollm2, then DPO continuing it and its evaluation,
+    which scores base, SFT and SFT+DPO on the same held-out rows."""
     from helpers.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("real")
-    sft = run_pipeline("cpu_smollm2", {**SFT, "run_dir": str(root / "sft")}, ("00_setup", "01_train_lora"))
+    sft = smollm2_sft_run
     dpo = run_pipeline("cpu_smollm2_dpo", {**DPO, "sft_run_dir": str(sft), "run_dir": str(root / "dpo"),
                                            "prompts": [PROMPT], "max_new_tokens": 16},
                        ("06_preference_dpo", "03_evaluate"))
