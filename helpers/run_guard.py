@@ -37,9 +37,9 @@ ALTERS_OPTIMIZATION = frozenset({
 # memory cap only split it otherwise, helpers.batching), and everything after training.
 LEAVES_OPTIMIZATION = frozenset({
     "max_gpu_memory_gib", "micro_batching", "logging_steps", "report_to", "run_dir", "save_steps",
-    "save_total_limit", "resume", "overwrite", "eval_steps", "max_eval_rows", "prompts", "max_new_tokens",
-    "temperature", "formats", "gguf_quantization", "push_to_hub", "hub_repo_id", "private", "dry_run",
-    "compare_runs", "batch_plan", "kit_repo",
+    "save_total_limit", "resume", "overwrite", "eval_steps", "training_eval_rows", "max_eval_rows", "prompts",
+    "max_new_tokens", "temperature", "formats", "gguf_quantization", "push_to_hub", "hub_repo_id", "private",
+    "dry_run", "compare_runs", "batch_plan", "kit_repo",
 })
 
 
