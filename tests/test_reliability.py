@@ -24,6 +24,7 @@ from helpers.run_guard import (
     complete_overwrite,
     staging_folder,
 )
+from tests.conftest import TINY_RUN
 
 
 def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
@@ -295,8 +296,10 @@ def test_an_uncached_hub_model_offline_suggests_the_offline_profile(tmp_path, mo
 
 
 def _train_command(run_dir: Path) -> list[str]:
+    """Training as tiny_run trained, into run_dir."""
+    overrides = [arg for name, value in TINY_RUN.items() for arg in ("-p", name, str(value))]
     return [sys.executable, "-m", "helpers.pipeline", "--profile", "cpu_tiny", "--notebooks", "01_train_lora",
-            "-p", "run_dir", str(run_dir)]
+            *overrides, "-p", "run_dir", str(run_dir)]
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
