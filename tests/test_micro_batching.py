@@ -204,7 +204,7 @@ def test_micro_batching_is_validated():
 
 
 def _varied_rows(path):
-    """32 rows whose responses run from 2 to 100 words (from the sample's answers): with the loss on responses only,
+    """32 rows whose responses run from 1 to 48 words (from the sample's answers): with the loss on responses only,
     each of the recipe's micro-batches holds another number of label tokens."""
     import json
 
