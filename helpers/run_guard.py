@@ -39,7 +39,7 @@ LEAVES_OPTIMIZATION = frozenset({
     "max_gpu_memory_gib", "micro_batching", "logging_steps", "report_to", "run_dir", "save_steps",
     "save_total_limit", "resume", "overwrite", "eval_steps", "training_eval_rows", "max_eval_rows", "prompts",
     "max_new_tokens", "temperature", "formats", "gguf_quantization", "push_to_hub", "hub_repo_id", "private",
-    "dry_run", "compare_runs", "batch_plan", "kit_repo",
+    "dry_run", "compare_runs", "batch_plan", "batch_workers", "kit_repo",
 })
 
 
