@@ -30,6 +30,7 @@ from helpers.plotting import moving_average
 from helpers.paths import NOTEBOOKS, PROJECT_ROOT
 from helpers.project import load_profile, refused_as_usage_error
 from helpers.records import atomic_write_text, has_finished_run, read_json, read_train_log, save_figure, write_json
+from helpers.run_guard import changed_parameters
 
 log = logging.getLogger("helpers.batch")  # by name: run as `python -m helpers.batch`, __name__ is __main__
 
@@ -171,15 +172,15 @@ def record_crash(point: Point, reason: str) -> str:
 
 
 def check_recorded_parameters(plan: Plan) -> None:
-    """Refuse, before anything runs, a point whose run_dir holds a run made with other parameters (a plan edited
+    """Refuse, before anything runs, a point whose run_dir holds a run made with other parameters that change the
+    training (helpers.run_guard's rule, for the values the plan passes to the training notebook; a plan edited
     since): its results would be reported, or resumed, as this point's."""
-    passed = notebook_parameter_names(NOTEBOOKS / f"{TRAIN}.ipynb") - {"run_dir", "resume", "overwrite", "kit_repo"}
+    passed = notebook_parameter_names(NOTEBOOKS / f"{TRAIN}.ipynb")
     for point in plan.points:
         path = point.run_dir / "run.json"
         recorded = read_json(path).get("parameters", {}) if path.exists() else {}
-        wanted = point.config.to_dict()
-        changed = {k: (recorded[k], wanted[k]) for k in sorted(passed & recorded.keys() & point.params.keys())
-                   if recorded[k] != wanted[k]}
+        wanted = {k: v for k, v in point.config.to_dict().items() if k in passed and k in point.params}
+        changed = {name: (old, new) for name, old, new in changed_parameters(recorded, wanted)}
         if changed:
             differences = ", ".join(f"{k} {old!r} there, {new!r} in the plan" for k, (old, new) in changed.items())
             raise ValueError(f"point {point.name!r}: {_shown(point.run_dir)} holds a run made with other parameters "

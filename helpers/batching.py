@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class KeptLayers:
     limit, less a margin, what is allocated when the micro-batch starts, the trainable parameters' gradients and
     what the micro-batch takes besides kept layers (measured on the first one, which keeps none), over a kept layer's
     cost (KEPT_LAYER_BYTES_PER_TOKEN_AND_WIDTH) at the micro-batch's length. Installed as a forward pre-hook of the
-    model; `counts` holds each training micro-batch's number."""
+    model; `counts` holds each training micro-batch's number, and `calls` what ran: each kept layer's forward calls
+    in that micro-batch, backward included (1 where keeping took effect, 2 where the layer was recomputed)."""
 
     def __init__(self, layers: list, limit, allocated, peak, gradient_bytes: int, layer_bytes_per_token: float):
         self.layers = layers  # the model's decoder layers; from the first training micro-batch, those checkpointed
@@ -157,7 +159,9 @@ class KeptLayers:
         self.other_bytes_per_token: float | None = None  # learned from the first micro-batch
         self.first: tuple[int, int] | None = None  # (tokens, allocated at its start) of the first micro-batch
         self.counts: list[int] = []
+        self.calls: list[list[int]] = []
         self.handle = None
+        self.layer_handles: list = []
 
     @classmethod
     def install(cls, model, config) -> KeptLayers | None:
@@ -201,6 +205,8 @@ class KeptLayers:
             return
         if not self.armed:
             self.layers, self.armed = [layer for layer in self.layers if layer.gradient_checkpointing], True
+            self.layer_handles = [layer.register_forward_pre_hook(functools.partial(self.layer_ran, index))
+                                  for index, layer in enumerate(self.layers)]
             log.info("micro_batching='auto': of %d decoder layers checkpointed, as many as fit kept un-checkpointed "
                      "per micro-batch from the second", len(self.layers))
         tokens = ids.shape[0] * ids.shape[1]
@@ -215,18 +221,39 @@ class KeptLayers:
         for index, layer in enumerate(self.layers):
             layer.gradient_checkpointing = index >= kept
         self.counts.append(kept)
+        self.calls.append([0] * kept)
+
+    def layer_ran(self, index: int, module, args) -> None:
+        """A decoder layer's hook: count a training forward of a layer kept for this micro-batch (its recompute
+        in the backward, if it was not kept after all, counts too)."""
+        import torch
+
+        if self.calls and index < len(self.calls[-1]) and module.training and torch.is_grad_enabled():
+            self.calls[-1][index] += 1
 
     def remove(self) -> None:
-        """Unhook; every layer that was checkpointed checkpointed again."""
+        """Unhook; every layer that was checkpointed checkpointed again. Warns where a kept layer was recomputed."""
         self.handle.remove()
+        for handle in self.layer_handles:
+            handle.remove()
         for layer in self.layers if self.armed else []:
             layer.gradient_checkpointing = True
+        recomputed = sum(calls > 1 for micro_batch in self.calls for calls in micro_batch)
+        if recomputed:
+            log.warning("micro_batching='auto': %d of %d kept layer passes ran twice (recomputed in the backward): "
+                        "keeping them un-checkpointed had no effect there", recomputed, sum(self.counts))
 
     def record(self) -> dict:
-        """What run.json's `distributed` says of the layers kept per micro-batch."""
+        """What run.json's `distributed` says of the layers kept per micro-batch: how many were asked to skip
+        checkpointing (min, mean, max), how many ran their forward once (ran_once), and a kept layer's mean
+        forward calls per micro-batch (1.0 when keeping always took effect)."""
         counts = self.counts or [0]
+        once = [sum(calls == 1 for calls in micro_batch) for micro_batch in self.calls] or [0]
+        calls = [calls for micro_batch in self.calls for calls in micro_batch]
         return {"layers": len(self.layers), "micro_batches": len(self.counts), "min": min(counts),
-                "mean": round(sum(counts) / len(counts), 1), "max": max(counts)}
+                "mean": round(sum(counts) / len(counts), 1), "max": max(counts),
+                "ran_once": {"min": min(once), "mean": round(sum(once) / len(once), 1), "max": max(once)},
+                "forward_calls_per_kept_layer": round(sum(calls) / len(calls), 2) if calls else None}
 
 
 @contextlib.contextmanager

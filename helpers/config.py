@@ -15,6 +15,7 @@ from typing import Any
 from helpers.environment import RUN_DIR, default_run_dir, mount_drive_if_needed
 from helpers.paths import kit_repo
 from helpers.prompts import PROMPT_TEMPLATES
+from helpers.run_guard import complete_overwrite
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Projection names of Llama-like models, the fused ones some architectures use, and the embeddings.
@@ -273,8 +274,10 @@ def preference_config(namespace: dict[str, Any]) -> RunConfig:
 
 def _run_record(run_dir: str, missing: str) -> dict[str, Any]:
     """run_dir/run.json, read after mounting Drive on Colab when run_dir lies there (a run handed over on Drive
-    is there only then); FileNotFoundError saying `missing` when there is none."""
+    is there only then) and after an overwrite that finished has taken its place (one a kill left half done
+    included); FileNotFoundError saying `missing` when there is none."""
     mount_drive_if_needed(run_dir)
+    complete_overwrite(run_dir)
     path = Path(run_dir) / "run.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {missing}")

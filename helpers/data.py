@@ -3,6 +3,8 @@ them, and rendering them as training text."""
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -21,10 +23,20 @@ LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 def is_local_path(name: str, root: str | Path = ".") -> bool:
     """True when a model, dataset or export name means a file or folder here rather than a Hugging Face Hub id
-    (owner/name): it exists (from root), is written as a path (/, ., ~ or outputs/ first), is deeper than
-    owner/name, or ends in a data file's extension."""
-    return (name.startswith(("/", ".", "~", "outputs/")) or name.count("/") > 1
-            or Path(name).suffix.lower() in LOCAL_FORMATS or (Path(root) / name).exists())
+    (owner/name): it is written as a path (/, ., ~ or outputs/ first), is deeper than owner/name, or ends in a
+    data file's extension. A name shaped like a Hub id stays a Hub id even where a folder of that name exists
+    (from root): a stray folder never redirects it, and a warning says so once (write ./name for the folder)."""
+    local = (name.startswith(("/", ".", "~", "outputs/")) or name.count("/") > 1
+             or Path(name).suffix.lower() in LOCAL_FORMATS)
+    if not local and (Path(root) / name).exists():
+        _warn_hub_id_shadowed(name, str(Path(root) / name))
+    return local
+
+
+@functools.cache
+def _warn_hub_id_shadowed(name: str, folder: str) -> None:
+    log.warning("%r is read as a Hugging Face Hub id, not as the local %s of that name (%s); write './%s' to use "
+                "the local one", name, "folder" if Path(folder).is_dir() else "file", folder, name)
 
 
 def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -71,19 +83,33 @@ def _require_objects(rows: list, path: Path) -> None:
             raise ValueError(f"{path}: row {number} is a {type(row).__name__}, not an object with named fields")
 
 
-def load_rows(dataset: str, split: str = "train") -> list[dict[str, Any]]:
-    """All rows of a local file or of a Hub dataset's split."""
+def load_rows(dataset: str, split: str = "train", revision: str | None = None) -> list[dict[str, Any]]:
+    """All rows of a local file or of a Hub dataset's split (at a commit when revision is given)."""
     if is_local_path(dataset):
         return read_local_rows(dataset)
     from datasets import load_dataset
 
     try:
-        return load_dataset(dataset, split=split).to_list()
+        return load_dataset(dataset, split=split, revision=revision).to_list()
     except Exception as error:  # the Hub raises many kinds; all mean the same to the user
+        at = f" at revision {revision}" if revision else ""
         raise RuntimeError(
-            f"could not load dataset {dataset!r} (split {split!r}) from the Hugging Face Hub: {error}. "
+            f"could not load dataset {dataset!r} (split {split!r}{at}) from the Hugging Face Hub: {error}. "
             f"Offline? Use a local file (dataset=path/to/data.jsonl) or the cpu_tiny profile."
         ) from error
+
+
+def hub_revision(dataset: str) -> str | None:
+    """The commit a Hub dataset is at now; None for a local file or where the Hub cannot be asked (offline)."""
+    if is_local_path(dataset):
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(dataset).sha
+    except Exception as error:  # offline, unreachable, gated: the split is then recorded without a revision
+        log.warning("the revision of Hub dataset %r is unknown (%s); split.json records none", dataset, error)
+        return None
 
 
 def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], source: str) -> None:
@@ -204,8 +230,9 @@ def training_eval_indices(held: list[int], config) -> list[int]:
 def hold_out(rows: list[dict[str, Any]], config,
              write: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, held-out rows, the held-out rows scored while training): a seeded eval_fraction of the rows,
-    never trained on, recorded in run_dir/split.json (when `write`: by the main process only) so that evaluation
-    scores exactly those rows, and the trainer the same subset of them each time."""
+    never trained on, recorded in run_dir/split.json (when `write`: by the main process only) by position and by
+    content, so that evaluation scores exactly those rows and notices when they changed, and the trainer the same
+    subset of them each time."""
     from helpers.records import write_json
 
     count = round(len(rows) * config.eval_fraction)
@@ -215,19 +242,21 @@ def hold_out(rows: list[dict[str, Any]], config,
     if count >= len(rows):
         raise ValueError(f"eval_fraction={config.eval_fraction} leaves no rows to train on ({len(rows)} rows)")
     in_training = training_eval_indices(held, config)
+    train, held_rows, in_training_rows = _partition(rows, held, in_training)
     if write:
-        write_json(Path(config.run_dir) / "split.json", {"dataset": config.dataset, "split": config.dataset_split,
-                                                         "rows": len(rows), "eval_fraction": config.eval_fraction,
-                                                         "seed": config.seed, "eval_indices": held,
-                                                         "training_eval_indices": in_training})
-    return _partition(rows, held, in_training)
+        write_json(Path(config.run_dir) / "split.json", {
+            "dataset": config.dataset, "split": config.dataset_split, "revision": hub_revision(config.dataset),
+            "rows": len(rows), "eval_fraction": config.eval_fraction, "seed": config.seed, "eval_indices": held,
+            "training_eval_indices": in_training, **_contents(rows, held_rows)})
+    return train, held_rows, in_training_rows
 
 
 def reuse_split(rows: list[dict[str, Any]], config, source_run_dir: str | Path
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, held-out rows, the held-out rows scored while training) as another run split them (its
     split.json, copied into run_dir), so that a run continuing that one never trains on the rows it held out, and both
-    are scored on the same rows. The subset scored while training is this run's own (its batch and eval_steps)."""
+    are scored on the same rows; held-out rows whose content changed since are refused, naming them. The subset
+    scored while training is this run's own (its batch and eval_steps)."""
     from helpers.records import read_json, write_json
 
     path = Path(source_run_dir) / "split.json"
@@ -238,9 +267,14 @@ def reuse_split(rows: list[dict[str, Any]], config, source_run_dir: str | Path
         raise ValueError(f"{path} split dataset {split['dataset']!r} of {split['rows']} rows, but this run has "
                          f"{config.dataset!r} with {len(rows)} rows: the held-out rows cannot be found again")
     in_training = training_eval_indices(split["eval_indices"], config)
+    train, held, in_training_rows = _partition(rows, split["eval_indices"], in_training)
+    revision = hub_revision(config.dataset)
+    check_held_out(split, held, f"the run in {str(source_run_dir)!r}", revision,
+                   "restore the dataset as it was, or set sft_run_dir='' to hold out rows of the dataset as it is")
     write_json(Path(config.run_dir) / "split.json", {**split, "training_eval_indices": in_training,
-                                                     "from_run": str(source_run_dir)})
-    return _partition(rows, split["eval_indices"], in_training)
+                                                     "from_run": str(source_run_dir), "revision": revision,
+                                                     **_contents(rows, held)})
+    return train, held, in_training_rows
 
 
 def _partition(rows: list[dict[str, Any]], held: list[int], in_training: list[int]
@@ -252,18 +286,71 @@ def _partition(rows: list[dict[str, Any]], held: list[int], in_training: list[in
 
 
 def held_out_rows(config) -> list[dict[str, Any]]:
-    """The rows a run held out from training, as recorded in run_dir/split.json."""
+    """The rows a run held out from training, as recorded in run_dir/split.json: loaded at the recorded revision
+    of a Hub dataset, and checked to be the rows the run held out."""
     from helpers.records import read_json
 
     path = Path(config.run_dir) / "split.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: the run recorded no held-out split (eval_fraction=0?)")
     split = read_json(path)
-    rows = load_rows(split["dataset"], split["split"])
+    rows = load_rows(split["dataset"], split["split"], split.get("revision"))
     if len(rows) != split["rows"]:
         raise ValueError(f"dataset {split['dataset']!r} has {len(rows)} rows now but {split['rows']} when the run "
                          "was trained; the held-out rows cannot be found again")
-    return from_conversations([rows[i] for i in split["eval_indices"]], config, split["dataset"])
+    held = from_conversations([rows[i] for i in split["eval_indices"]], config, split["dataset"])
+    check_held_out(split, held, f"run {str(config.run_dir)!r}", split.get("revision"),
+                   "restore the dataset as it was, or train a new run on the dataset as it is")
+    return held
+
+
+# --- the held-out rows by content: a digest of every field of each (as training reads the row, conversations
+# mapped), and of the whole dataset ------------------------------------------------------------------------------
+
+class HeldOutRowsChanged(ValueError):
+    """The rows at a split's held-out positions are no longer the rows the run held out."""
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def row_digests(row: dict[str, Any]) -> dict[str, str]:
+    """A short digest of each field of a row, to recognise it later and name the field that changed."""
+    return {key: _digest(value)[:16] for key, value in row.items()}
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """One digest of all rows, in order: equal only for the same rows."""
+    return _digest([_digest(row) for row in rows])
+
+
+def _contents(rows: list[dict[str, Any]], held: list[dict[str, Any]]) -> dict[str, Any]:
+    """split.json's record of content: the whole dataset's digest and each held-out row's field digests."""
+    return {"dataset_sha256": rows_digest(rows), "eval_row_digests": [row_digests(row) for row in held]}
+
+
+def check_held_out(split: dict[str, Any], held: list[dict[str, Any]], recorder: str, revision: str | None,
+                   remedy: str) -> None:
+    """Raise HeldOutRowsChanged naming each held-out row (and its fields) that is not what `recorder` held out;
+    a split recorded before contents were is passed with a warning."""
+    recorded = split.get("eval_row_digests")
+    if recorded is None:
+        log.warning("%s recorded its held-out rows by position only; their content is not checked", recorder)
+        return
+    changed = []
+    for index, before, row in zip(split["eval_indices"], recorded, held):
+        now = row_digests(row)
+        fields = [name for name in dict.fromkeys([*before, *now]) if before.get(name) != now.get(name)]
+        if fields:
+            changed.append(f"row {index + 1} (index {index}): {', '.join(map(repr, fields))}")
+    if not changed:
+        return
+    shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more rows" if len(changed) > 5 else "")
+    then = split.get("revision")
+    moved = f" (the Hub dataset was at revision {then}, now {revision})" if then and revision and then != revision else ""
+    raise HeldOutRowsChanged(f"dataset {split['dataset']!r} changed since {recorder} held its rows out{moved}: "
+                             f"{len(changed)} of {len(held)} held-out rows differ ({shown}); {remedy}")
 
 
 def to_training_set(rows: list[dict[str, Any]], config, tokenizer):

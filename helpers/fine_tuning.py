@@ -32,16 +32,14 @@ from helpers.modeling import check_model_source
 from helpers.monitoring import StepClock, TrainingStages
 from helpers.records import (
     PREFERENCE_COLUMNS,
-    check_run_dir,
     checkpoint_tokens,
-    discard_replaced_run,
     latest_checkpoint,
-    restore_replaced_run,
     staged_folder,
     training_log,
     update_run_record,
     write_train_log,
 )
+from helpers.run_guard import check_run_dir, complete_overwrite, training_folder
 from helpers.timing import Stages, record_stages
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,9 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     stages.add("data checked", getattr(rows, "seconds", 0.0))
     # Guard the run, and hold rows out; the main process checks run_dir and writes run.json and split.json first.
     with state.main_process_first():
-        precision = prepare_run(config, main_process=state.is_main_process)
+        precision = prepare_run(config, main_process=state.is_main_process, rows=rows)
+        # From here the run writes in its training folder: run_dir, or beside it while it replaces a finished run.
+        run_dir, config = config.run_dir, dataclasses.replace(config, run_dir=str(training_folder(config)))
         with stages.stage("data formatted"):
             if dpo and config.sft_run_dir:  # as the SFT run split them: its held-out rows stay unseen
                 train_rows, _, eval_rows = data.reuse_split(rows, config, config.sft_run_dir)
@@ -103,13 +103,14 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     with batching.training(computed, model, config) as kept:
         metrics = train_and_record(trainer, model, tokenizer, config, stages)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
-    if metrics is None or dpo:
-        return metrics
-    update_run_record(config.run_dir, distributed={
-        "num_processes": state.num_processes, "micro_batching": config.micro_batching, **computed.record(),
-        **({"layers_kept_per_micro_batch": kept.record()} if kept else {}),
-        "global_batch": computed.rows * computed.accumulation * state.num_processes,
-        "peak_memory_per_process": peaks})
+    if metrics is not None and not dpo:
+        update_run_record(config.run_dir, distributed={
+            "num_processes": state.num_processes, "micro_batching": config.micro_batching, **computed.record(),
+            **({"layers_kept_per_micro_batch": kept.record()} if kept else {}),
+            "global_batch": computed.rows * computed.accumulation * state.num_processes,
+            "peak_memory_per_process": peaks})
+    if metrics is not None:
+        complete_overwrite(run_dir)  # a finished overwrite takes the finished run's place, in one rename
     return metrics
 
 
@@ -125,12 +126,13 @@ def split_global_batch(per_device: int, accumulation: int, processes: int) -> tu
     return per_device, global_batch // (per_device * processes)
 
 
-def prepare_run(config, main_process: bool = True) -> str:
+def prepare_run(config, main_process: bool = True, rows: list[dict[str, Any]] | None = None) -> str:
     """Everything checked and recorded before a model loads; returns the precision to train in.
 
     Refuses a missing local model or an unreachable offline Hub id; caps GPU memory if asked. The main process
-    also mounts Drive on Colab when needed, refuses a finished run_dir (unless overwrite) and writes run.json
-    with status 'running'.
+    also mounts Drive on Colab when needed, checks run_dir (helpers.run_guard: a finished run unless overwrite, an
+    interrupted one with other parameters or, given the checked `rows`, other rows) and writes run.json with
+    status 'running' where the run trains.
     """
     check_model_source(config.model_name)
     precision = resolve_precision(config.precision)
@@ -138,9 +140,10 @@ def prepare_run(config, main_process: bool = True) -> str:
     if not main_process:
         return precision
     mount_drive_if_needed(config.run_dir)  # first: a finished run on Drive is visible only once Drive is mounted
-    check_run_dir(config)
-    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-    update_run_record(config.run_dir, parameters=config.to_dict(), precision=precision,
+    content = {"rows": len(rows), "sha256": data.rows_digest(rows)} if rows is not None else None
+    folder = check_run_dir(config, content)
+    folder.mkdir(parents=True, exist_ok=True)
+    update_run_record(folder, parameters=config.to_dict(), data=content, precision=precision,
                       environment=environment_report(), status="running", metrics={})
     return precision
 
@@ -163,12 +166,10 @@ def train_and_record(trainer, model, tokenizer, config, stages: Stages | None = 
     except torch.OutOfMemoryError as error:
         if trainer.is_world_process_zero():
             update_run_record(run_dir, status="failed", error="out of memory")
-            restore_replaced_run(run_dir)  # an overwrite that failed gives the finished run back
         raise RuntimeError(out_of_memory_advice(config)) from error
     except Exception as error:
         if trainer.is_world_process_zero():
             update_run_record(run_dir, status="failed", error=str(error))
-            restore_replaced_run(run_dir)
         raise
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
@@ -205,7 +206,6 @@ def train_and_record(trainer, model, tokenizer, config, stages: Stages | None = 
     }
     record_stages(run_dir, stages.rounded())
     update_run_record(run_dir, status="finished", metrics=metrics, accelerator=device_report())
-    discard_replaced_run(run_dir)
     log.info("training finished: %s", metrics)
     return metrics
 

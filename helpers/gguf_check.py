@@ -105,13 +105,13 @@ def round_trip_texts(tokenizer, config, check_prompt: str) -> list[str]:
     """Texts whose token ids must not change through the GGUF file: the check prompt as the model sees it, a few
     held-out rows as training text (EOS and template tokens included), and a text of digits, spacing and
     non-Latin script."""
-    from helpers.data import held_out_rows
+    from helpers.data import HeldOutRowsChanged, held_out_rows
     from helpers.prompts import format_generation_prompt, format_training_text
 
     texts = [format_generation_prompt(config.prompt_template, check_prompt, tokenizer, config.system_prompt)]
     try:
         rows = held_out_rows(config)[:ROUND_TRIP_ROWS]
-    except FileNotFoundError:  # a run without a held-out split: the fixed texts only
+    except (FileNotFoundError, HeldOutRowsChanged):  # no held-out split, or its rows changed: the fixed texts only
         rows = []
     texts += [format_training_text(config.prompt_template, row[config.prompt_field], row[config.response_field],
                                    tokenizer.eos_token, tokenizer, config.system_prompt) for row in rows]

@@ -78,13 +78,23 @@ def pinned(requirements_file: str) -> dict[str, str]:
     return {canonicalize_name(pin.name): str(pin) for pin in pins}
 
 
+def run_pip(command: Sequence[str], what: str) -> subprocess.CompletedProcess:
+    """Run a pip command, its output captured; a failure raises RuntimeError with the end of pip's own output
+    (its reason), not a bare exit status."""
+    result = subprocess.run(list(command), capture_output=True, text=True)
+    if result.returncode:
+        output = (result.stdout + result.stderr).strip().splitlines()
+        raise RuntimeError(f"pip could not {what} (exit status {result.returncode}):\n" + "\n".join(output[-30:]))
+    return result
+
+
 def unsloth_needs(pins: list[str], pip: Sequence[str]) -> list[str]:
     """What the packages pinned in pins declare they need on the target interpreter, xformers and each other left out.
 
     pip reads their metadata (a dry run that installs nothing) and says which interpreter it targets; their markers
     are evaluated for that one."""
-    report = json.loads(subprocess.run([*pip, "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
-                                        "--report", "-", *pins], capture_output=True, text=True, check=True).stdout)
+    report = json.loads(run_pip([*pip, "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
+                                 "--report", "-", *pins], f"read the metadata of {', '.join(pins)}").stdout)
     environment = {**report["environment"], "extra": ""}
     needs = set()
     for item in report["install"]:
@@ -149,11 +159,7 @@ def install_on_colab() -> None:
                   "unsloth, unsloth_zoo and this kit (without dependencies)")
         for step, (phase, command) in enumerate(zip(phases, commands), start=1):
             log.info("[%d/%d] %s", step, len(commands), phase)
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode:
-                output = (result.stdout + result.stderr).strip().splitlines()
-                raise RuntimeError(f"pip could not install {phase} around Colab's {kept} and kernel packages, which "
-                                   "it must keep:\n" + "\n".join(output[-30:]))
+            run_pip(command, f"install {phase} around Colab's {kept} and kernel packages, which it must keep")
     after = installed_versions()
     changed = sorted(name for name in after if before.get(name) != after[name])
     imported = imported_distributions()

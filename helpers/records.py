@@ -1,6 +1,6 @@
 """What a run leaves behind: run.json, train_log.csv, plots and folders (adapter, exports), each written
-atomically (old or new, never torn); the guard that keeps a finished run from being overwritten by accident, and
-the newest complete checkpoint to resume from."""
+atomically (old or new, never torn); which files make a run, and the newest complete checkpoint to resume from.
+(What a run_dir may hold when a run starts, resumes or replaces another: helpers.run_guard.)"""
 from __future__ import annotations
 
 import contextlib
@@ -10,16 +10,14 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 LOG_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "epoch", "eval_loss")
 # What DPO logs besides: how often the policy's implicit reward ranks chosen above rejected, and by how much.
 PREFERENCE_COLUMNS = ("rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins")
@@ -29,13 +27,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text to path through a temporary file in the same folder, renamed over it at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Created as open() creates a file, 0666 less the umask: the usual permissions, without reading the umask
+    # (os.umask can only read it by setting it, for every thread of the process).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,24 +138,16 @@ def record_runtime_peaks(run_dir: str | Path) -> dict[str, float]:
     return peaks
 
 
-# --- the run directory: a finished run kept, an interrupted one resumed ------------------------------------
+# --- the run directory: its files, its checkpoints ---------------------------------------------------------
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Written by the Trainer for every checkpoint; trainer_state.json comes last, so its presence marks completion.
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors")
+# A run's own files and folders: replaced, resumed and removed together (the trackers' too: TensorBoard's events
+# and wandb's run folder follow the run they logged). Anything else in a run_dir (executed notebooks, a batch's
+# record) is left alone.
 RUN_FILES = ("adapter", "checkpoints", "train_log.csv", "loss.png", "run.json", "split.json", "generations.jsonl",
-             "eval.json", "eval.md", "eval.png", "export")
-
-
-class RunExistsError(RuntimeError):
-    """run_dir already holds a finished run."""
-
-
-# Where an overwrite=True rerun keeps the finished run it replaces until the new one has finished. Files move one
-# by one only into REPLACING (setting aside) or out of RESTORING (putting back), each then renamed in one step, so
-# that a kill at any point leaves the old run whole in place, whole in REPLACED, or split in a way the next call
-# completes.
-REPLACING, REPLACED, RESTORING = ".replacing", ".replaced", ".restoring"
+             "eval.json", "eval.md", "eval.png", "export", "tb", "wandb")
 
 
 def has_finished_run(run_dir: str | Path) -> bool:
@@ -164,62 +156,10 @@ def has_finished_run(run_dir: str | Path) -> bool:
     return record.exists() and read_json(record).get("status") == "finished"
 
 
-def check_run_dir(config) -> None:
-    """Refuse a run_dir holding a finished run unless overwrite=True; before anything loads. With overwrite the
-    finished run is set aside (run_dir/.replaced) until the new one finishes; a run set aside by an overwrite that
-    did not finish (killed, failed) is first put back."""
-    run_dir = Path(config.run_dir)
-    restore_replaced_run(run_dir)
-    finished = has_finished_run(run_dir)
-    if finished and not config.overwrite:
-        raise RunExistsError(f"run_dir {str(run_dir)!r} holds a finished run; choose another run_dir, "
-                             "or set overwrite=True to replace it")
-    if finished:
-        (run_dir / REPLACING).mkdir()
-        for name in RUN_FILES:
-            if (run_dir / name).exists():
-                (run_dir / name).rename(run_dir / REPLACING / name)
-        (run_dir / REPLACING).rename(run_dir / REPLACED)
-        log.info("the finished run in %s is set aside in %s until the new run finishes", run_dir, REPLACED)
-    elif config.resume == "never":
-        _remove_run_files(run_dir)
-
-
-def restore_replaced_run(run_dir: str | Path) -> bool:
-    """Put back a finished run that an unfinished overwrite set aside (the unfinished run's files are removed);
-    drop it once the new run has finished. True when one was put back."""
-    run_dir = Path(run_dir)
-    if (run_dir / REPLACING).is_dir():  # killed while setting aside: the new run had not started
-        _move_back(run_dir / REPLACING)
-    if (run_dir / RESTORING).is_dir():  # killed while putting back: the new run's files are gone already
-        _move_back(run_dir / RESTORING)
-        return True
-    if not (run_dir / REPLACED).is_dir():
-        return False
-    if has_finished_run(run_dir):
-        shutil.rmtree(run_dir / REPLACED)
-        return False
-    _remove_run_files(run_dir)
-    (run_dir / REPLACED).rename(run_dir / RESTORING)
-    _move_back(run_dir / RESTORING)
-    log.warning("the overwrite of %s did not finish; the finished run it was replacing is back", run_dir)
-    return True
-
-
-def _move_back(aside: Path) -> None:
-    for path in aside.iterdir():
-        path.rename(aside.parent / path.name)
-    aside.rmdir()
-
-
-def discard_replaced_run(run_dir: str | Path) -> None:
-    """Once a new run has finished, drop the run it replaced."""
-    shutil.rmtree(Path(run_dir) / REPLACED, ignore_errors=True)
-
-
-def _remove_run_files(run_dir: Path) -> None:
+def remove_run_files(run_dir: str | Path) -> None:
+    """Remove a run's own files (RUN_FILES) from run_dir; other files stay."""
     for name in RUN_FILES:
-        path = run_dir / name
+        path = Path(run_dir) / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 

@@ -55,8 +55,8 @@ def watchers(config) -> list:
     report_to, the tracker's files placed in run_dir."""
     if config.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(config.run_dir) / "tb")  # transformers 5 reads it here
-    if config.report_to == "wandb":
-        os.environ.setdefault("WANDB_DIR", str(Path(config.run_dir)))  # WANDB_MODE (e.g. offline) is respected
+    if config.report_to == "wandb":  # its run folder (run_dir/wandb) goes with the run; WANDB_MODE is respected
+        os.environ["WANDB_DIR"] = str(Path(config.run_dir))
     return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock(), TrainingStages()]
 
 

@@ -39,14 +39,18 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
+# tiny_run's parameters besides the cpu_tiny profile: a subset of the 26 held-out rows scored while training
+# (03_evaluate scores them all). A test that trains again to compare with tiny_run passes them too.
+TINY_RUN = {"training_eval_rows": 8}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """run_dir of setup -> train -> inference executed through papermill on the cpu_tiny profile."""
     from helpers.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("pipeline") / "tiny-run"
-    # a subset of the 26 held-out rows scored while training (03_evaluate scores them all)
-    return run_pipeline("cpu_tiny", {"run_dir": str(run_dir), "training_eval_rows": 8})
+    return run_pipeline("cpu_tiny", {**TINY_RUN, "run_dir": str(run_dir)})
 
 
 @pytest.fixture(scope="session")

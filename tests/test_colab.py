@@ -126,7 +126,7 @@ def test_drive_is_mounted_before_the_finished_run_guard_looks(monkeypatch, tmp_p
     calls = []
     monkeypatch.setattr(fine_tuning, "check_model_source", lambda name: None)
     monkeypatch.setattr(fine_tuning, "mount_drive_if_needed", lambda run_dir: calls.append("mount"))
-    monkeypatch.setattr(fine_tuning, "check_run_dir", lambda config: calls.append("guard"))
+    monkeypatch.setattr(fine_tuning, "check_run_dir", lambda config, data: calls.append("guard") or tmp_path / "run")
     fine_tuning.prepare_run(RunConfig(run_dir=str(tmp_path / "run"), precision="fp32"))
     assert calls == ["mount", "guard"]
 

@@ -123,3 +123,13 @@ def test_nothing_runs_when_every_pin_is_already_installed(monkeypatch):
     monkeypatch.setattr(install, "installed_versions", lambda path=None: pins)
     monkeypatch.setattr(install.subprocess, "run", lambda *a, **k: pytest.fail("pip ran"))
     install.install_on_colab()
+
+
+def test_a_failed_pip_run_shows_pips_own_reason():
+    # A stand-in for pip that fails as pip does: its reason on stderr, exit status 1.
+    pip = [sys.executable, "-c", "import sys; print('Looking in indexes: https://pypi.org/simple'); "
+           "sys.exit('ERROR: No matching distribution found for unsloth==2099.1.1')"]
+    with pytest.raises(RuntimeError) as failure:
+        install.unsloth_needs(["unsloth==2099.1.1"], pip)
+    assert "pip could not read the metadata of unsloth==2099.1.1 (exit status 1)" in str(failure.value)
+    assert "ERROR: No matching distribution found for unsloth==2099.1.1" in str(failure.value)

@@ -231,12 +231,20 @@ def test_one_rule_tells_a_local_path_from_a_hub_id(name, local):
     assert is_local_path(name) is local
 
 
-def test_existing_path_without_known_extension_is_local(tmp_path):
-    path = tmp_path / "rows"
-    path.write_text("x")
-    assert is_local_path(str(path)) is True
-    assert is_local_path("rows", root=tmp_path) is True
-    assert is_local_path("rows") is False
+def test_a_folder_named_like_a_hub_id_does_not_redirect_it_and_is_named_once(tmp_path, caplog):
+    (tmp_path / "HumanLLMs/Human-Like-DPO-Dataset").mkdir(parents=True)  # a stray folder of the Hub id's name
+    (tmp_path / "rows").write_text("x")
+    with caplog.at_level("WARNING", logger="helpers.data"):
+        for _ in range(3):
+            assert is_local_path("HumanLLMs/Human-Like-DPO-Dataset", root=tmp_path) is False
+            assert is_local_path("rows", root=tmp_path) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"'HumanLLMs/Human-Like-DPO-Dataset' is read as a Hugging Face Hub id, not as the local folder of that name "
+        f"({tmp_path}/HumanLLMs/Human-Like-DPO-Dataset); write './HumanLLMs/Human-Like-DPO-Dataset' to use the "
+        "local one",
+        f"'rows' is read as a Hugging Face Hub id, not as the local file of that name ({tmp_path}/rows); write "
+        "'./rows' to use the local one"]
+    assert is_local_path(str(tmp_path / "rows")) is True and is_local_path("./rows") is True
 
 
 # ---------------------------------------------------------------- bundled sample
@@ -348,3 +356,74 @@ def test_a_continuing_run_scores_its_own_subset_of_the_same_held_out_rows(tmp_pa
                     run_dir=str(tmp_path / "dpo"))
     _, again, in_training = reuse_split(rows, dpo, tmp_path / "sft")
     assert again == held and len(in_training) == 3 and all(row in held for row in in_training)
+
+
+# ---------------------------------------------------------------- the held-out rows, by content
+
+
+def _split_run(tmp_path, rows):
+    """A run that held out 20% of rows from a local file (split.json written as training writes it)."""
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    config = RunConfig(dataset=str(path), eval_fraction=0.2, run_dir=str(tmp_path / "run"))
+    _, held, _ = hold_out(rows, config)
+    return config, held
+
+
+MANY = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(10)]
+
+
+def test_evaluation_scores_the_held_out_rows_and_stops_when_one_was_edited_in_place(tmp_path):
+    from helpers.data import held_out_rows
+    from helpers.records import read_json
+
+    config, held = _split_run(tmp_path, MANY)
+    assert held_out_rows(config) == held  # what 03_evaluate scores
+    index = read_json(tmp_path / "run/split.json")["eval_indices"][1]
+    edited = [dict(row) for row in MANY]
+    edited[index]["rejected"] = "no, edited in place"  # same length, same position: only the content tells
+    write_rows(tmp_path / "rows.jsonl", edited)
+    with pytest.raises(ValueError) as stop:  # data.HeldOutRowsChanged
+        held_out_rows(config)
+    assert (f"changed since run '{tmp_path / 'run'}' held its rows out: 1 of 2 held-out rows differ "
+            f"(row {index + 1} (index {index}): 'rejected')") in str(stop.value)
+
+
+def test_a_split_records_the_hub_revision_and_evaluation_loads_that_one(tmp_path, monkeypatch):
+    import helpers.data
+
+    from helpers.records import read_json
+
+    monkeypatch.setattr(helpers.data, "hub_revision", lambda dataset: "0123abcd")
+    config = RunConfig(dataset="someone/pairs", run_dir=str(tmp_path / "run"), eval_fraction=0.2)
+    _, held, _ = helpers.data.hold_out(MANY, config)
+    assert read_json(tmp_path / "run/split.json")["revision"] == "0123abcd"
+    loaded = []
+
+    class Loaded:
+        @staticmethod
+        def to_list():
+            return MANY
+
+    def load_dataset(name, split, revision=None):
+        loaded.append((name, split, revision))
+        return Loaded
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+    assert helpers.data.held_out_rows(config) == held
+    assert loaded == [("someone/pairs", "train", "0123abcd")]
+
+
+def test_the_hub_revision_is_the_datasets_commit_or_none_offline(monkeypatch):
+    import huggingface_hub
+
+    from helpers.data import hub_revision
+
+    info = type("DatasetInfo", (), {"sha": "f00dfeed"})
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name: info)
+    assert hub_revision("someone/pairs") == "f00dfeed" and hub_revision("rows.jsonl") is None
+
+    def offline(self, name):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert hub_revision("someone/pairs") is None

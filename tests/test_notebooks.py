@@ -11,6 +11,7 @@ from helpers.config import DEFAULT_PROMPTS, RunConfig
 from helpers.pipeline import run_notebook
 from helpers.paths import PROFILES
 from helpers.records import read_json, read_train_log
+from tests.conftest import TINY_RUN
 
 pytestmark = pytest.mark.notebook
 TINY = yaml.safe_load((PROFILES / "cpu_tiny.yaml").read_text())
@@ -31,7 +32,7 @@ def test_run_dir_holds_every_output(tiny_run):
 def test_run_json_records_what_made_the_run(tiny_run):
     record = read_json(tiny_run / "run.json")
     assert record["status"] == "finished"
-    assert record["parameters"] == RunConfig.from_dict({**TINY, "run_dir": str(tiny_run)}).to_dict()
+    assert record["parameters"] == RunConfig.from_dict({**TINY, **TINY_RUN, "run_dir": str(tiny_run)}).to_dict()
     assert record["precision"] == "fp32"
     versions = record["environment"]["versions"]
     for package in ("torch", "transformers", "trl", "peft", "unsloth", "datasets"):

@@ -132,6 +132,20 @@ def test_a_continuing_run_reuses_the_held_out_split(tmp_path):
         data.reuse_split(rows[:9], second, first.run_dir)
 
 
+def test_dpo_stops_when_a_row_the_sft_run_held_out_was_edited_in_place(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(10)]
+    first = RunConfig(dataset="d.jsonl", eval_fraction=0.2, run_dir=str(tmp_path / "sft"))
+    data.hold_out(rows, first)
+    index = json.loads((tmp_path / "sft/split.json").read_text())["eval_indices"][0]
+    edited = [dict(row) for row in rows]
+    edited[index]["prompt"] = edited[index]["chosen"] = "edited"  # DPO would train on a held-out row's new text
+    second = RunConfig(dataset="d.jsonl", run_dir=str(tmp_path / "dpo"))
+    with pytest.raises(ValueError, match=rf"1 of 2 held-out rows differ \(row {index + 1} \(index "
+                                         rf"{index}\): 'prompt', 'chosen'\); restore the dataset"):
+        data.reuse_split(edited, second, first.run_dir)
+    assert not (tmp_path / "dpo/split.json").exists()
+
+
 def test_the_training_log_keeps_reward_columns_only_when_logged():
     sft = training_log([{"step": 1, "loss": 2.0}])
     dpo = training_log([{"step": 1, "loss": 0.7, "rewards/accuracies": 0.5, "rewards/margins": 0.1},
