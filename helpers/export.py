@@ -105,8 +105,12 @@ def bytes_needed(export_format: str, model, quantization: str) -> int:
 
 def check_room(export_format: str, model, config, folder: Path) -> None:
     """Refuse a merged export (merged_16bit, gguf) that would not fit the disk folder lies on, before anything
-    is written. Memory is not predicted: the merge is attempted and watched (MemoryWatch)."""
-    check_disk(bytes_needed(export_format, model, config.gguf_quantization), folder, MEASURED_16BIT)
+    is written (gguf converting the run's merged_16bit export needs no merge of its own). Memory is not predicted:
+    the merge is attempted and watched (MemoryWatch)."""
+    need = bytes_needed(export_format, model, config.gguf_quantization)
+    if export_format == "gguf" and reusable_merge(config) is not None:
+        need -= bytes_needed("merged_16bit", model, config.gguf_quantization)
+    check_disk(need, folder, MEASURED_16BIT)
 
 
 def merge_memory_share(config) -> float:
@@ -135,6 +139,8 @@ def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[st
             _check_merged(folder)
         return {}
     ensure_built()  # llama.cpp's tools before the merge (built once, minutes): no checkpoint made for nothing
+    if export_format == "gguf" and (merged := reusable_merge(config)) is not None:  # no second 16 GB merge
+        return {"merged_from": merged.as_posix(), **write_gguf(merged, folder, config, tokenizer)}
     source = folder / ("merged" if export_format == "gguf" else "adapter")  # deleted once converted
     model.save_pretrained_merged(str(source), tokenizer, save_method=SAVE_METHODS[export_format],
                                  maximum_memory_usage=merge_memory_share(config))
@@ -145,6 +151,26 @@ def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[st
         steps = write_adapter_gguf(source, folder, config, tokenizer)
     shutil.rmtree(source)
     return steps
+
+
+def adapter_digest(run_dir: str | Path) -> str:
+    """The SHA-256 of the run's saved adapter weights: what a merged export was made from."""
+    digest = hashlib.sha256()
+    with (Path(run_dir) / "adapter" / "adapter_model.safetensors").open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable_merge(config) -> Path | None:
+    """The run's merged_16bit export when it is complete and was merged from the adapter saved now (the manifest
+    says so), for the gguf format to convert instead of merging again; else None."""
+    manifest = export_dir(config.run_dir) / "manifest.json"
+    entry = read_json(manifest).get("formats", {}).get("merged_16bit", {}) if manifest.exists() else {}
+    folder = export_folder("merged_16bit", config.run_dir, in_colab())
+    if entry.get("status") != "ok" or entry.get("from_adapter") != adapter_digest(config.run_dir):
+        return None
+    return folder if folder.is_dir() else None
 
 
 def _check_merged(folder: Path) -> None:
@@ -291,6 +317,8 @@ def export_format(export_format: str, model, tokenizer, config, precision: str, 
     if export_format in GGUF_FORMATS:
         entry["quantization"] = config.gguf_quantization
     entry["save_method"] = SAVE_METHODS[export_format]
+    if export_format == "merged_16bit":
+        entry["from_adapter"] = adapter_digest(config.run_dir)  # the gguf format may convert this export later
     started = time.perf_counter()
     reset_peak_memory()
     report = (lambda peaks: progress({**entry, "status": "running", "memory_so_far": peaks})) if progress else None

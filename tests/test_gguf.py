@@ -159,8 +159,9 @@ def _modelfile_files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def smollm2_exports(smollm2_sft_run, tmp_path_factory):
-    """The shared SmolLM2 SFT run exported twice from one loaded model: gguf q8_0 with the adapter GGUF, and gguf
-    q4_k_m (each into its own copy of the run, since a run holds one gguf folder)."""
+    """The shared SmolLM2 SFT run exported twice from one loaded model: gguf q8_0 with the adapter GGUF, and
+    merged_16bit then gguf q4_k_m converted from it (each into its own copy of the run, since a run holds one gguf
+    folder)."""
     import shutil
 
     from helpers.export import export_all
@@ -169,7 +170,7 @@ def smollm2_exports(smollm2_sft_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-gguf")
     runs = {}
     model = tokenizer = None
-    for name, formats, quantization in (("sft-q8", ["gguf", "gguf_lora"], "q8_0"), ("sft-q4", ["gguf"], "q4_k_m")):
+    for name, formats, quantization in (("sft-q8", ["gguf", "gguf_lora"], "q8_0"), ("sft-q4", ["merged_16bit", "gguf"], "q4_k_m")):
         run = shutil.copytree(smollm2_sft_run, root / name, ignore=shutil.ignore_patterns("checkpoint-*", "export"))
         params = read_json(run / "run.json")["parameters"]
         config = RunConfig.from_dict({**params, "run_dir": str(run), "formats": formats,
@@ -253,3 +254,16 @@ def test_every_ollama_modelfile_names_files_that_exist(smollm2_exports):
         assert all(path.is_file() and path.suffix == ".gguf" for path in files), files
         modelfile = (folder / "Modelfile").read_text()
         assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}<|im_end|>" in modelfile
+
+
+@pytest.mark.notebook
+@pytest.mark.real_model
+def test_a_gguf_converts_the_runs_merged_16bit_export_instead_of_merging_again(smollm2_exports):
+    manifest, run = smollm2_exports["sft-q4"]
+    merged, gguf = manifest["formats"]["merged_16bit"], manifest["formats"]["gguf"]
+    assert merged["status"] == gguf["status"] == "ok", manifest
+    assert gguf["steps"]["merged_from"] == (run / "export" / "merged_16bit").as_posix()
+    # converted from it without changing it: its files are still the ones the manifest recorded
+    from helpers.export import describe_files
+
+    assert describe_files(run / "export" / "merged_16bit") == merged["files"]
