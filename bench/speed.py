@@ -59,7 +59,7 @@ CONFIGS = {
     # padded micro-batches without unsloth's per-decoder-layer torch.compile (which padding-free batches skip)
     "fast-padded-eager": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                               max_length=2048, padding_free=False, environment={"UNSLOTH_BLOCK_COMPILE": "0"}),
-    # the fast default with every decoder layer checkpointed (none kept: helpers.batching.KeptLayers off)
+    # the fast default with every decoder layer checkpointed (none kept: helpers.micro_batching.KeptLayers off)
     "fast-all-checkpointed": dict(backend="unsloth", batch=2, accumulation=4, micro_batching="auto", packing=False,
                                   max_length=2048, plan=dict(keep_layers=False)),
 }
@@ -148,7 +148,7 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from helpers import batching
+    from helpers import micro_batching
     from helpers.config import RunConfig
     from helpers.environment import cap_gpu_memory, peak_memory
 
@@ -167,14 +167,14 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
         lengths = row_lengths(rows, tokenizer, spec["max_length"])
         kit = RunConfig(max_seq_length=spec["max_length"], max_gpu_memory_gib=cap_gib,
                         micro_batching=spec["micro_batching"])  # the tutorial's LoRA: r 64 on the seven projections
-        computed = batching.plan(kit, spec["batch"], spec["accumulation"], model,  # packed rows: max_length long
+        computed = micro_batching.decide(kit, spec["batch"], spec["accumulation"], model,  # packed rows: max_length long
                                  spec["max_length"] if spec["packing"] else max(lengths))
         computed = dataclasses.replace(computed, **spec.get("plan", {}))
         model = add_lora(model, kit, computed.gradient_checkpointing)
     else:
         model, tokenizer = load_hf(model_path, precision, four_bit)
         lengths = row_lengths(rows, tokenizer, spec["max_length"])
-        computed = batching.Plan(spec["batch"], spec["accumulation"])
+        computed = micro_batching.MicroBatching(spec["batch"], spec["accumulation"])
     batch, accumulation = computed.rows, computed.accumulation
     marks: dict[str, list[float]] = {"step_end": [], "pre_optimizer": [], "optimizer": []}
     tokens: list[int] = []
@@ -217,7 +217,7 @@ def worker(name: str, model_path: str, steps: int, warmup: int, precision: str, 
     trainer.data_collator = counting_collator
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with batching.training(computed, model, kit if spec["backend"] == "unsloth" else None) as kept:
+    with micro_batching.training(computed, model, kit if spec["backend"] == "unsloth" else None) as kept:
         trainer.train()
     measured, last = steps, warmup + steps - 1
     t0, t1 = marks["step_end"][warmup - 1], marks["step_end"][last]

@@ -4,7 +4,7 @@ an out-of-memory error.
 
 The global batch is what the config asks for on one process (per_device_train_batch_size x
 gradient_accumulation_steps); with N processes (SFT under `accelerate launch`) the accumulation is divided by N so
-that it stays the same. Each process then computes its rows per step as micro_batching asks (helpers.batching): in
+that it stays the same. Each process then computes its rows per step as micro_batching asks (helpers.micro_batching): in
 the recipe's micro-batches, or in fewer, larger ones where memory allows. run.json's `distributed` records what
 ran. Only the main process writes run.json, split.json, the log and the adapter.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import helpers.stack  # noqa: F401  (unsloth before transformers, trl, peft)
-from helpers import batching, data, modeling, preference, trainers
+from helpers import data, micro_batching, modeling, preference, trainers
 from helpers.config import RunConfig
 from helpers.environment import (
     cap_gpu_memory,
@@ -84,10 +84,10 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     with stages.stage("model loaded"):
         if dpo:
             model, tokenizer = preference.load_policy(config, precision)
-            computed = batching.Plan(per_device, accumulation)
+            computed = micro_batching.MicroBatching(per_device, accumulation)
         else:
             model, tokenizer = modeling.load_base_model(config, precision)
-            computed = batching.plan(config, per_device, accumulation, model, longest)
+            computed = micro_batching.decide(config, per_device, accumulation, model, longest)
     if not dpo:
         with stages.stage("LoRA added"):
             model = modeling.add_lora(model, config, computed.gradient_checkpointing)
@@ -100,7 +100,7 @@ def run_training(config: RunConfig, rows: list[dict[str, Any]] | None = None,
     if dpo:
         update_run_record(config.run_dir, stage="dpo", reference=preference.reference_in_use(trainer))
     # Train and record.
-    with batching.training(computed, model, config) as kept:
+    with micro_batching.training(computed, model, config) as kept:
         metrics = train_and_record(trainer, model, tokenizer, config, stages)
     peaks = gather_object([peak_memory()])  # every process's own peaks (each its own GPU), collected on all
     if metrics is not None and not dpo:

@@ -57,7 +57,7 @@ def _with_eos(tokenizer, model_name: str):
 
 def add_lora(model, config, gradient_checkpointing: bool | str = "unsloth"):
     """Wrap the model with trainable LoRA adapters on the configured modules. gradient_checkpointing: "unsloth"
-    (the recipe's: checkpointed layer inputs offloaded to the CPU) or True (kept on the GPU; helpers.batching)."""
+    (the recipe's: checkpointed layer inputs offloaded to the CPU) or True (kept on the GPU; helpers.micro_batching)."""
     return FastLanguageModel.get_peft_model(
         model,
         r=config.lora_r,

@@ -34,7 +34,7 @@ ALTERS_OPTIMIZATION = frozenset({
     "sft_run_dir", "beta", "loss_type", "reference",  # DPO: the adapter it starts from, its loss and reference
 })
 # Where files go, how often to log, evaluate and save, how the same step is computed (micro_batching and the
-# memory cap only split it otherwise, helpers.batching), and everything after training.
+# memory cap only split it otherwise, helpers.micro_batching), and everything after training.
 LEAVES_OPTIMIZATION = frozenset({
     "max_gpu_memory_gib", "micro_batching", "logging_steps", "report_to", "run_dir", "save_steps",
     "save_total_limit", "resume", "overwrite", "eval_steps", "training_eval_rows", "max_eval_rows", "prompts",

@@ -1,5 +1,5 @@
 """On a CUDA GPU, the T4 path on the 8B-shaped model: 4-bit load, fp16, the 15 GiB cap, and the fast default
-(micro_batching="auto") training the recipe step for step. The model directory comes from KIT_GPU_MODEL
+(micro_batching="auto") training the recipe step for step on rows of varied lengths, the loss on responses only. The model directory comes from KIT_GPU_MODEL
 (`python bench/standin.py DIR` builds the random-init 8B shape); KIT_GPU_REPORT, when set,
 names a JSON file that receives the measured differences. About 2-3 minutes on an H200 (2 x (a model load, 20 steps)).
 
@@ -39,8 +39,11 @@ def prepared(tmp_path_factory):
     from helpers.environment import cap_gpu_memory
     from helpers.project import load_profile
 
+    # rows of 4 to 180 words with the loss on the responses only: micro-batches hold different numbers of label
+    # tokens, so a loss averaged per micro-batch would not be the step's (tests/test_micro_batching.py shows it)
     config = RunConfig.from_dict({**load_profile("colab_t4"), "model_name": os.environ["KIT_GPU_MODEL"],
                                   "dataset": str(data.SAMPLE_DATASET), "precision": "fp16",
+                                  "train_on_responses_only": True,
                                   "max_gpu_memory_gib": CAP_GIB, "max_steps": STEPS, "eval_fraction": 0.0,
                                   "save_steps": 1000, "run_dir": str(tmp_path_factory.mktemp("gpu-run"))})
     cap_gpu_memory(CAP_GIB)
@@ -54,7 +57,7 @@ def runs(prepared):
     gradient checkpointing mode before LoRA is added), from the same initial adapter and seed."""
     import bitsandbytes as bnb
 
-    from helpers import batching, modeling, trainers
+    from helpers import micro_batching, modeling, trainers
     from helpers.records import training_log
 
     config, train_set, longest = prepared
@@ -64,7 +67,7 @@ def runs(prepared):
         model, tokenizer = modeling.load_base_model(mode_config, "fp16")
         loaded = {"four_bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
                   "allocated_gib": torch.cuda.memory_allocated() / 2**30}
-        computed = batching.plan(mode_config, 2, 4, model, longest)
+        computed = micro_batching.decide(mode_config, 2, 4, model, longest)
         model = modeling.add_lora(model, mode_config, computed.gradient_checkpointing)
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if initial is None:
@@ -77,7 +80,7 @@ def runs(prepared):
                                          gradient_accumulation_steps=computed.accumulation)
         trainer = trainers.build_trainer(model, tokenizer, train_set, run_config, "fp16")
         torch.cuda.reset_peak_memory_stats()
-        with batching.training(computed, model, mode_config) as kept:
+        with micro_batching.training(computed, model, mode_config) as kept:
             trainer.train()
         results[mode] = {"plan": computed, "loaded": loaded, "log": training_log(trainer.state.log_history),
                          "kept": kept.record() if kept else None,
@@ -113,11 +116,12 @@ def test_the_base_model_loads_in_4bit(runs):
 
 
 def test_auto_computes_the_step_as_one_micro_batch_on_the_gpu_under_the_cap(runs):
-    from helpers.batching import Plan
+    from helpers.micro_batching import MicroBatching
 
-    assert runs["recipe"]["plan"] == Plan(2, 4, resident_checkpoints=False, flash_attention=False)
-    assert runs["auto"]["plan"] == Plan(8, 1, resident_checkpoints=True, flash_attention=True, keep_layers=True)
+    assert runs["recipe"]["plan"] == MicroBatching(2, 4, resident_checkpoints=False, flash_attention=False)
+    assert runs["auto"]["plan"] == MicroBatching(8, 1, resident_checkpoints=True, flash_attention=True, keep_layers=True)
     assert runs["recipe"]["kept"] is None and runs["auto"]["kept"]["max"] > 0  # layers kept un-checkpointed
+    assert runs["auto"]["kept"]["forward_calls_per_kept_layer"] == 1.0  # counted: each kept layer ran once
 
 
 def test_auto_trains_the_recipe_step_for_step_in_fp16(runs):

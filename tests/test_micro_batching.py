@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.batching import micro_batch_rows
 from helpers.config import RunConfig
+from helpers.micro_batching import micro_batch_rows
 from helpers.records import read_json, read_train_log
 
 # Largest relative difference between recipe (2 x 4) and auto (8 x 1) over the 4 fp32 steps of SmolLM2-135M-Instruct
@@ -22,7 +22,7 @@ def test_auto_picks_the_largest_divisor_of_the_step_that_fits(budget, expected):
 
 
 class _Shape8B:
-    """The 8B shape's config, as plan() reads it from a loaded model."""
+    """The 8B shape's config, as decide() reads it from a loaded model."""
 
     class config:  # noqa: N801
         @staticmethod
@@ -36,22 +36,23 @@ class _Shape8B:
     (3.0, 2048, (2, 4, False)),  # less room: the recipe's micro-batches
 ])
 def test_auto_plans_micro_batches_and_checkpoints_by_the_gpu_memory_left(monkeypatch, free_gib, longest, expected):
-    from helpers import batching
+    from helpers import micro_batching
 
-    monkeypatch.setattr(batching, "free_gpu_bytes", lambda model, config: free_gib * 2**30)
-    computed = batching.plan(RunConfig(), 2, 4, _Shape8B(), longest)
+    monkeypatch.setattr(micro_batching, "free_gpu_bytes", lambda model, config: free_gib * 2**30)
+    computed = micro_batching.decide(RunConfig(), 2, 4, _Shape8B(), longest)
     assert (computed.rows, computed.accumulation, computed.resident_checkpoints) == expected
     assert computed.flash_attention and computed.gradient_checkpointing == (True if expected[2] else "unsloth")
     assert computed.keep_layers == expected[2]  # layers kept un-checkpointed only beside checkpoints on the GPU
 
 
 def test_recipe_and_the_cpu_compute_as_the_tutorial_does(monkeypatch):
-    from helpers import batching
+    from helpers import micro_batching
 
-    monkeypatch.setattr(batching, "free_gpu_bytes", lambda model, config: None)  # no GPU
-    assert batching.plan(RunConfig(), 2, 4, _Shape8B(), 2048) == batching.Plan(8, 1)
-    assert batching.plan(RunConfig(micro_batching="recipe"), 2, 4, _Shape8B(), 167) == batching.Plan(2, 4)
-    assert batching.Plan(2, 4).gradient_checkpointing == "unsloth"
+    monkeypatch.setattr(micro_batching, "free_gpu_bytes", lambda model, config: None)  # no GPU
+    assert micro_batching.decide(RunConfig(), 2, 4, _Shape8B(), 2048) == micro_batching.MicroBatching(8, 1)
+    recipe = RunConfig(micro_batching="recipe")
+    assert micro_batching.decide(recipe, 2, 4, _Shape8B(), 167) == micro_batching.MicroBatching(2, 4)
+    assert micro_batching.MicroBatching(2, 4).gradient_checkpointing == "unsloth"
 
 
 GIB = 2**30
@@ -83,7 +84,7 @@ class _Forward:
 def _keeper(peak_gib: float):
     """32 layers, a 15 GiB limit with 7 GiB allocated at every micro-batch's start, 0.5 GiB of gradients, 128 KiB a
     token for a kept layer; the first micro-batch peaked at peak_gib."""
-    from helpers.batching import KeptLayers
+    from helpers.micro_batching import KeptLayers
 
     return KeptLayers([_Layer() for _ in range(32)] + [_Layer(checkpointed=False)], lambda: 15 * GIB, lambda: 7 * GIB,
                       lambda: peak_gib * GIB, GIB // 2, 128 * 2**10)  # one more layer, not checkpointed: left alone
@@ -129,7 +130,7 @@ def test_kept_layers_run_once_and_give_the_checkpointed_gradients(tmp_path):
 
     import helpers.stack  # noqa: F401
     from helpers import modeling
-    from helpers.batching import KeptLayers, decoder_layers
+    from helpers.micro_batching import KeptLayers, decoder_layers
     from helpers.local_models import build_tiny_model
 
     config = RunConfig(model_name=str(build_tiny_model(tmp_path / "tiny")), load_in_4bit=False, precision="fp32",
@@ -171,7 +172,7 @@ def test_kept_layers_record_a_keep_that_had_no_effect(tmp_path, caplog):
 
     import helpers.stack  # noqa: F401
     from helpers import modeling
-    from helpers.batching import KeptLayers, decoder_layers
+    from helpers.micro_batching import KeptLayers, decoder_layers
     from helpers.local_models import build_tiny_model
 
     config = RunConfig(model_name=str(build_tiny_model(tmp_path / "tiny")), load_in_4bit=False, precision="fp32",
@@ -191,7 +192,7 @@ def test_kept_layers_record_a_keep_that_had_no_effect(tmp_path, caplog):
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
     undo.remove()
-    with caplog.at_level("WARNING", logger="helpers.batching"):
+    with caplog.at_level("WARNING", logger="helpers.micro_batching"):
         keeper.remove()
     assert keeper.counts == [0, len(layers)]  # asked to keep every layer in the second micro-batch...
     assert keeper.record()["ran_once"]["max"] == 0 and keeper.record()["forward_calls_per_kept_layer"] == 2.0

@@ -52,7 +52,7 @@ KEEP_MARGIN_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class MicroBatching:
     """How one process computes its rows per optimizer step."""
 
     rows: int  # rows per micro-batch (per_device_train_batch_size as it runs)
@@ -107,25 +107,25 @@ def free_gpu_bytes(model, config) -> float | None:
             - lora_parameters(model, config) * BYTES_PER_TRAINABLE_PARAMETER)
 
 
-def plan(config, per_device: int, accumulation: int, model, longest_row: int) -> Plan:
+def decide(config, per_device: int, accumulation: int, model, longest_row: int) -> MicroBatching:
     """How to compute one process's per_device x accumulation rows per optimizer step as config.micro_batching
     asks, decided after the base model loads and before LoRA is added (the checkpointing mode goes with it).
     longest_row: tokens of the longest training row (at most max_seq_length); a micro-batch of n rows is taken to
     hold n of them, its worst case."""
     if config.micro_batching == "recipe":
-        return Plan(per_device, accumulation)
+        return MicroBatching(per_device, accumulation)
     step_rows = per_device * accumulation
     free = free_gpu_bytes(model, config)
     if free is None:  # the CPU: no memory limit, nothing offloaded, no cuDNN
         rows = micro_batch_rows(step_rows, per_device, longest_row, None)
-        chosen = Plan(rows, step_rows // rows)
+        chosen = MicroBatching(rows, step_rows // rows)
     else:
         text_config = model.config.get_text_config()
         per_token = BYTES_PER_TOKEN_AND_WIDTH * (text_config.hidden_size + text_config.intermediate_size)
         resident = RESIDENT_MARGIN * text_config.num_hidden_layers * text_config.hidden_size * 2
         rows = micro_batch_rows(step_rows, per_device, longest_row, max(0, int(free / per_token)))
         resident_checkpoints = rows * longest_row * (per_token + resident) <= free
-        chosen = Plan(rows, step_rows // rows, resident_checkpoints=resident_checkpoints, flash_attention=True,
+        chosen = MicroBatching(rows, step_rows // rows, resident_checkpoints=resident_checkpoints, flash_attention=True,
                       keep_layers=resident_checkpoints)
     log.info("micro_batching='auto': %d rows per step as %d x %d (recipe %d x %d; longest row %d tokens; "
              "GPU memory free for activations %s): %s", step_rows, chosen.rows, chosen.accumulation, per_device,
@@ -257,7 +257,7 @@ class KeptLayers:
 
 
 @contextlib.contextmanager
-def training(chosen: Plan, model, config):
+def training(chosen: MicroBatching, model, config):
     """Training computed as the plan says: its attention kernels and, with keep_layers, the decoder layers kept
     un-checkpointed per micro-batch. Yields the KeptLayers in effect, or None."""
     keeper = KeptLayers.install(model, config) if chosen.keep_layers else None
@@ -270,7 +270,7 @@ def training(chosen: Plan, model, config):
 
 
 @contextlib.contextmanager
-def attention(chosen: Plan):
+def attention(chosen: MicroBatching):
     """Training's attention kernels as the plan says: SDPA without cuDNN attention (flash, memory-efficient or
     math, as SDPA picks among them) when flash_attention is set."""
     if not chosen.flash_attention:
