@@ -40,6 +40,8 @@ DEFAULT_PROMPTS = [
     "Any tips for staying motivated when working from home?",
     "Do you think it's weird to eat cereal for dinner?",
 ]
+# The question every export is checked with, and its model card's usage example asks: the first default prompt.
+CHECK_PROMPT = DEFAULT_PROMPTS[0]
 
 
 @dataclass

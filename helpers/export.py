@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from helpers.config import CHECK_PROMPT
 from helpers.environment import in_colab, peak_memory, release_memory, reset_peak_memory
 from helpers.export_room import (MEASURED_16BIT, MemoryWatch, available_memory, check_disk, drive_copy_verdict,
                                  export_folder, how_to_keep)
@@ -44,7 +45,6 @@ GGUF_FORMATS = ("gguf", "gguf_lora")
 # (for a pre-quantized base unsloth fetches them: `unsloth/X` for `unsloth/X-unsloth-bnb-4bit`), so after a 4-bit
 # run its agreement also measures the 4-bit quantization of the base, and of the merge when checked in 4-bit.
 REFERENCE = "the tuned model in memory: the base as loaded (4-bit after a 4-bit run) with the adapter"
-CHECK_PROMPT = "What's your favorite way to spend a rainy Sunday?"
 CHECK_TOKENS = 32
 
 

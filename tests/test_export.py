@@ -108,8 +108,32 @@ def test_each_export_has_a_model_card_from_the_run(exported):
             assert "## Evaluation" in card and f"| {round(tuned['perplexity'], 2)} |" in card
         else:
             assert "## Evaluation" not in card
+        assert "license: apache-2.0" in card and "## License" in card  # the tiny base's card, built here, names it
     assert "FastLanguageModel" in (exported / "export/lora/README.md").read_text()
     assert "AutoModelForCausalLM" in (exported / "export/merged_16bit/README.md").read_text()
+
+
+@pytest.mark.parametrize("front, expected", [("license: llama3.1", "llama3.1"),
+                                             ("license: other\nlicense_name: deepseek", "deepseek"),
+                                             ("tags:\n- x", "unknown"), (None, "unknown")])
+def test_the_base_models_license_is_read_from_its_card(tmp_path, front, expected):
+    from helpers.model_card import base_model_license
+
+    if front is not None:
+        (tmp_path / "README.md").write_text(f"---\n{front}\n---\n# A model\n")
+    assert base_model_license(str(tmp_path)) == expected
+
+
+def test_a_hub_models_license_is_unknown_offline_without_its_card_in_the_cache(monkeypatch):
+    from helpers.model_card import base_model_license, model_card
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert base_model_license("someone/never-downloaded") == "unknown"
+    record = {"parameters": RunConfig().to_dict(), "metrics": {}}
+    card = model_card(record, None, "lora", "x/y", has_plot=False, base_license="llama3.1")
+    assert "license: llama3.1" in card and "`llama3.1`" in card.split("## License")[1]
+    card = model_card(record, None, "lora", "x/y", has_plot=False, base_license="deepseek")
+    assert "license: other\nlicense_name: deepseek" in card
 
 
 @pytest.mark.notebook
