@@ -25,8 +25,9 @@ def prose(path: Path, code_spans: bool = False) -> str:
         if FENCE.match(line):
             fenced = not fenced
         elif not fenced:
-            lines.append(line if code_spans else re.sub(r"`[^`]*`", "", line))
-    return "\n".join(lines)
+            lines.append(line)
+    text = "\n".join(lines)
+    return text if code_spans else re.sub(r"`[^`]*`", "", text)  # a code span may run over a line break
 
 
 def links(path: Path) -> list[str]:
