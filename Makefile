@@ -1,5 +1,5 @@
 # `make demo`: set up .venv if missing or stale (and llama.cpp's tools, built once into ~/.cache/lora-kit and reused
-# by every clone), then run setup -> train -> inference through papermill (the offline tiny profile without a GPU,
+# by every clone), then run setup -> train -> inference -> evaluate through papermill (the offline tiny profile without a GPU,
 # the Colab T4 recipe with one). `make test`: the test suite.
 # `make lab`: JupyterLab on this environment, the notebooks folder open.
 VENV   := .venv
@@ -50,7 +50,7 @@ PLAN ?= notebooks/plans/cpu_tiny_grid.yaml
 batch: $(STAMP)
 	$(PY) -m helpers.batch $(PLAN) $(if $(WORKERS),--workers $(WORKERS)) $(if $(ADDRESS),--address $(ADDRESS))
 
-# Once the kit is on GitHub: its URL into helpers/colab.py, every notebook's kit_repo and the README's Colab badges.
+# Once the kit is on GitHub: its URL into helpers/data/kit.json, every notebook's kit_repo and the README's Colab badges.
 publish: $(STAMP)
 	$(PY) -m helpers.colab $(REPO_URL)
 

@@ -29,7 +29,7 @@ from datetime import date
 from helpers.timing import shares
 runs = {name: json.load(open(f"outputs/real-scale-{name}/run.json")) for name in ("before", "after")}
 result = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-          f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
+          f"{subprocess.run(['nproc', '--all'], capture_output=True, text=True).stdout.strip()} cores",
           "load_average_at_end": open("/proc/loadavg").read().split()[:3]}
 for name, record in runs.items():
     stages = record["stages"]
