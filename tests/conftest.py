@@ -1,12 +1,21 @@
 """Shared fixtures: one run of the whole notebook pipeline on the tiny profile, reused by the notebook tests, and one
-short SFT run of SmolLM2-135M-Instruct, reused by the real-model tests (evaluation, DPO, GGUF)."""
+short SFT run of SmolLM2-135M-Instruct, reused by the real-model tests (evaluation, DPO, GGUF).
+
+`make test` runs the suite on two workers (pytest-xdist, --dist loadfile: a module's tests on one worker, so that
+its module fixtures are made once). The shared runs are made once for both workers (shared_run: the first to ask
+makes it, the other waits for it) and only read: a test that writes runs on a copy. Each worker's torch takes its
+share of the cores, not all of them (two workers each spinning two threads on two cores run several times slower)."""
 from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch is imported: the kernels the tests start inherit it
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 # A random token for the whole session: no file a run writes may contain it (see test_secrets.py).
@@ -44,24 +53,30 @@ def tiny_tokenizer():
 TINY_RUN = {"training_eval_rows": 8}
 
 
+def shared_run(tmp_path_factory, name: str, make) -> Path:
+    """run_dir `name`, made once for the session by make(run_dir), whichever worker asks first; the other workers
+    wait for it and use the same folder (under xdist the workers' temporary folders share a parent)."""
+    from helpers.local_models import one_builder
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    run_dir = root / "shared" / name
+    made = run_dir.parent / f".{name}.made"
+    with one_builder(run_dir):
+        if not made.is_file():
+            make(run_dir)
+            made.touch()
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """run_dir of setup -> train -> inference executed through papermill on the cpu_tiny profile."""
     from helpers.pipeline import run_pipeline
 
-    run_dir = tmp_path_factory.mktemp("pipeline") / "tiny-run"
-    return run_pipeline("cpu_tiny", {**TINY_RUN, "run_dir": str(run_dir)})
-
-
-@pytest.fixture(scope="session")
-def chat_run(tiny_run, tmp_path_factory):
-    """run_dir of train -> inference -> evaluate on the tiny profile in chat mode with loss on responses only."""
-    from helpers.pipeline import run_pipeline
-
-    run_dir = tmp_path_factory.mktemp("pipeline") / "chat-run"
-    overrides = {"run_dir": str(run_dir), "prompt_template": "chat", "train_on_responses_only": True,
-                 "system_prompt": "Answer like a warm friend."}
-    return run_pipeline("cpu_tiny", overrides, ("01_train_lora", "02_inference", "03_evaluate"))
+    return shared_run(tmp_path_factory, "tiny-run",
+                      lambda run_dir: run_pipeline("cpu_tiny", {**TINY_RUN, "run_dir": str(run_dir)}))
 
 
 @pytest.fixture(scope="session")
@@ -81,5 +96,6 @@ def smollm2_sft_run(tmp_path_factory):
     papermill; setup prepares the model once into outputs/_models."""
     from helpers.pipeline import run_pipeline
 
-    run_dir = tmp_path_factory.mktemp("real") / "sft"
-    return run_pipeline("cpu_smollm2", {**SMOLLM2_SFT, "run_dir": str(run_dir)}, ("00_setup", "01_train_lora"))
+    return shared_run(tmp_path_factory, "smollm2-sft",
+                      lambda run_dir: run_pipeline("cpu_smollm2", {**SMOLLM2_SFT, "run_dir": str(run_dir)},
+                                                   ("00_setup", "01_train_lora")))

@@ -19,7 +19,7 @@ from helpers.paths import kit_repo
 from helpers.config import RunConfig, notebook_config
 from helpers.pipeline import notebook_parameter_names, run_notebook
 from helpers.paths import NOTEBOOKS, PROFILES, PROJECT_ROOT
-from helpers.records import read_json
+from helpers.records import read_json, read_train_log
 
 NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 END_TO_END = NOTEBOOKS / "colab_end_to_end.ipynb"
@@ -151,15 +151,21 @@ def test_a_t4_trains_in_fp16_and_setup_says_it_has_no_bf16(monkeypatch):
 
 @pytest.mark.notebook
 def test_end_to_end_notebook_trains_answers_evaluates_and_exports_in_one_kernel(tmp_path):
+    # In chat mode with the loss on responses only and a system prompt: the template the R1-Distill profile
+    # recommends, run through every stage in one kernel.
     params = {**yaml.safe_load((PROFILES / "cpu_tiny.yaml").read_text()), "run_dir": str(tmp_path / "e2e"),
-              "max_steps": 12, "eval_steps": 6, "save_steps": 6, "max_new_tokens": 16, "formats": ["lora"]}
+              "max_steps": 12, "eval_steps": 6, "save_steps": 6, "max_new_tokens": 16, "formats": ["lora"],
+              "prompt_template": "chat", "train_on_responses_only": True, "system_prompt": "Answer like a warm friend."}
     notebook_config(params)  # the profile is valid for this notebook
     executed = run_notebook("colab_end_to_end", params, tmp_path / "e2e")
     run = tmp_path / "e2e"
     record = read_json(run / "run.json")
     assert record["status"] == "finished" and record["metrics"]["steps"] == 12
+    assert record["parameters"]["prompt_template"] == "chat" and record["parameters"]["train_on_responses_only"]
+    assert len([r for r in read_train_log(run / "train_log.csv") if r["loss"] is not None]) == 12
     assert record["runtime_peak_memory"]["peak_rss_gib"] >= record["metrics"]["peak_rss_gib"] > 0
-    assert len((run / "generations.jsonl").read_text().splitlines()) == len(RunConfig().prompts)
+    generations = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == RunConfig().prompts
     evaluation = read_json(run / "eval.json")
     assert evaluation["rows"] > 0 and evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
     manifest = read_json(run / "export/manifest.json")

@@ -29,11 +29,14 @@ DEFAULT_REPOS = {"lora": f"{REPO}-lora", "merged_16bit": REPO}
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run):
-    """tiny_run after the export notebook ran on it: the adapter and merged 16-bit, push_to_hub with dry_run."""
-    run_notebook("04_export", {"run_dir": str(tiny_run), "formats": ["lora", "merged_16bit"], "push_to_hub": True,
-                               "hub_repo_id": REPO, "dry_run": True}, tiny_run / "export")
-    return tiny_run
+def exported(tiny_run, tmp_path_factory):
+    """A copy of tiny_run (tiny_run itself is only read) after the export notebook ran on it: the adapter and merged
+    16-bit, push_to_hub with dry_run."""
+    run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("exported") / "tiny-run",
+                          ignore=shutil.ignore_patterns("checkpoint-*"))
+    run_notebook("04_export", {"run_dir": str(run), "formats": ["lora", "merged_16bit"], "push_to_hub": True,
+                               "hub_repo_id": REPO, "dry_run": True}, run / "export")
+    return run
 
 
 def _copy_run(tiny_run: Path, to: Path, with_exports: bool = False) -> Path:

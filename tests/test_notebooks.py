@@ -96,6 +96,8 @@ def test_executed_training_notebook_shows_the_loss_plot(tiny_run):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"{TINY['max_steps']} steps in" in printed and "tokens/s" in printed and "peak RSS" in printed
     assert "where the time went: training steps" in printed
+    # one row as the model sees it: the prompt as at inference, then the response and one EOS
+    assert "### Instruction:\nWhat's your favorite season?\n\n### Response:\nOh, autumn, hands down!" in printed
 
 
 TRAINING_STAGES = ["data checked", "data formatted", "model loaded", "LoRA added", "trainer built", "training steps",
@@ -153,21 +155,6 @@ def test_missing_dataset_file_stops_the_notebook_before_the_model_loads(tmp_path
 def test_missing_column_stops_the_notebook_before_the_model_loads(tmp_path):
     message = _failed_before_model_load(tmp_path, {"response_field": "answer"})
     assert "'answer'" in message and "columns found: prompt, chosen, rejected" in message
-
-
-def test_chat_template_with_response_only_loss_runs_train_inference_and_evaluation(chat_run):
-    record = read_json(chat_run / "run.json")
-    assert record["status"] == "finished"
-    assert record["parameters"]["prompt_template"] == "chat" and record["parameters"]["train_on_responses_only"]
-    rows = read_train_log(chat_run / "train_log.csv")
-    assert len([r for r in rows if r["loss"] is not None]) == TINY["max_steps"]
-    nb = nbformat.read(chat_run / "01_train_lora.ipynb", as_version=4)
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "Answer like a warm friend.<｜User｜>What's your favorite season?<｜Assistant｜><think>\n\n</think>\n\n" in printed
-    generations = [json.loads(line) for line in (chat_run / "generations.jsonl").read_text().splitlines()]
-    assert [g["prompt"] for g in generations] == DEFAULT_PROMPTS
-    report = read_json(chat_run / "eval.json")
-    assert report["tuned"]["loss"] < report["base"]["loss"]
 
 
 # --- preference tuning: 06 then 03, continuing tiny_run's adapter ---------------------------------------------
