@@ -5,8 +5,7 @@
 # default trained step for step against the recipe; GPU_TESTS_S=0 leaves them out), then, where LONGEST_S is set,
 # the longest row under the cap (unsloth's tiled MLP, as shipped and with its backward patched: bench/speed.py
 # LONGEST_MODES). The model: the random-init 8B shape saved
-# pre-quantized in 4-bit in $1 (built there first if missing: python bench/standin.py DIR
-# --prequantized).
+# pre-quantized in 4-bit in $1 (built there first if missing: python bench/standin.py DIR).
 # Everything lands in $OUT (default outputs/gpu-speed): speed.txt, speed.json, pytest_gpu.txt, gpu_equality.json,
 # longest.txt, longest.json. About 7 minutes on an H200 without the longest row; each part time-boxed so that a slow
 # one leaves the others' results (the JSON files are rewritten as they go).

@@ -5,7 +5,8 @@
 # >= 1.8x the sequential throughput on 2 GPUs. About 10 minutes on 2 GPUs with 60 steps: start it in the background,
 #   setsid bash bench/gpu_sweep.sh > outputs/gpu-sweep.log 2>&1 &      then read outputs/gpu-sweep.log
 # On the offline GPU machine ship .whl/site.tar.xz (bash ../shared/gpu/make_site.sh) and .whl/ray.tar.xz
-# (bash bench/make_ray_site.sh) with the checkout; this script unpacks them when the image lacks Ray or papermill.
+# (bash bench/make_ray_site.sh) and the quicktok-v1 wheel with the checkout; this script unpacks them when the image
+# lacks Ray or papermill.
 # Usage: bash bench/gpu_sweep.sh [model_dir] [steps]
 #   Tried on a CPU with the tiny model: GPUS=2 PROFILE=cpu_tiny PRECISION=fp32 bash bench/gpu_sweep.sh \
 #   outputs/_models/tiny-llama 4   (PY=.venv/bin/python where python3 lacks the kit's packages)
@@ -18,12 +19,15 @@ PY=${PY:-python3}
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('ray') and u.find_spec('papermill')))"; then
   mkdir -p /tmp/site
   for pack in .whl/site.tar.xz .whl/ray.tar.xz; do tar xJf "$pack" -C /tmp/site; done
+  # the stand-in's tokenizer (bench/standin.py): pip download quicktok-v1==0.4.0 into .whl, as gpu_session.sh says
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/quicktok*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 UNSLOTH_DISABLE_STATISTICS=1 PY
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-[[ -f $MODEL/config.json ]] || "$PY" -m helpers.local_models "$MODEL" --shape llama-8b --prequantized
+# a Hub id: the 8B stand-in, pre-quantized in 4-bit, into the Hugging Face cache under that id (skipped when there)
+[[ -d $MODEL ]] || "$PY" bench/standin.py --hub-cache "$MODEL"
 PLAN=outputs/gpu-sweep.yaml
 "$PY" - "$PLAN" "$MODEL" "$STEPS" "$GPUS" "$PROFILE" "$PRECISION" <<'PY'
 import sys, yaml

@@ -4,7 +4,7 @@
 # two with the same global batch (accumulation halved), then the training notebook with num_processes=2 through
 # papermill. Prints steady tokens/s, s/step, the scaling, peak memory per GPU and the largest per-step loss difference.
 # Usage: bash bench/gpu_two_gpus.sh [model_dir] [phases]   (build the model first: python3 bench/standin.py
-#        DIR --shape llama-8b --prequantized). phases: any of "one two report" (default all; "one" runs on the first
+#        DIR). phases: any of "one two report" (default all; "one" runs on the first
 #        visible GPU, so it can run beside other work on another GPU).
 set -euo pipefail
 MODEL=${1:-outputs/_models/llama8b-bnb-4bit}
