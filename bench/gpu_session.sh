@@ -25,8 +25,15 @@ LIMIT=12.7GB  # a free Colab's memory
 T4=(-p precision fp16 -p max_gpu_memory_gib 15)
 mkdir -p "$WORK"
 # shellcheck disable=SC2154
-trap '[ -n "${OUT:-}" ] && tar czf "$OUT/phase-$PHASE.tgz" -C "$WORK" . && cp "$WORK/phase-$PHASE.log" "$OUT/"' EXIT
-left() { echo $((BUDGET - (SECONDS - START))); }
+# at the end, or when the call's limit cuts a phase short: the runs' records too (their stages so far)
+pack() {
+  for record in outputs/whole-run-*/run.json; do
+    [ -f "$record" ] && cp "$record" "$WORK/$(basename "$(dirname "$record")").run.json"
+  done
+  [ -n "${OUT:-}" ] && tar czf "$OUT/phase-$PHASE.tgz" -C "$WORK" . && cp "$WORK/phase-$PHASE.log" "$OUT/"
+}
+trap pack EXIT
+left() { local seconds=$((BUDGET - (SECONDS - START))); echo $((seconds > 1 ? seconds : 1)); }
 say() { echo "[$((SECONDS - START)) s] $*" | tee -a "$WORK/phase-$PHASE.log"; }
 
 # The packages the machine lacks, and where things go: the stand-in into a Hugging Face cache in memory (21 GB; the

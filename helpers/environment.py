@@ -87,6 +87,11 @@ def environment_report() -> dict:
     }
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off (HF_HUB_OFFLINE): only its local cache is read."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_token_present() -> bool:
     """Whether a Hugging Face token is available (Colab secret, HF_TOKEN, or token file); never the token."""
     try:

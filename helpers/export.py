@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.config import CHECK_PROMPT
-from helpers.environment import in_colab, peak_memory, release_memory, reset_peak_memory
+from helpers.environment import hub_offline, in_colab, peak_memory, release_memory, reset_peak_memory
 from helpers.export_room import (MEASURED_16BIT, MemoryWatch, available_memory, check_disk, drive_copy_verdict,
                                  export_folder, how_to_keep)
 from helpers.gguf import ADAPTER_TYPE, QUANTIZER_TYPES, gguf_name, write_adapter_gguf, write_gguf
@@ -127,14 +127,46 @@ def merge_memory_share(config) -> float:
     return share
 
 
+@contextlib.contextmanager
+def cached_sixteen_bit_base(model) -> Iterator[str | None]:
+    """With the Hub offline, point unsloth's 16-bit merge at the base's 16-bit original in the Hugging Face cache
+    (yields its folder, or None where there is nothing to do). unsloth merges a pre-quantized base's LoRA into the
+    16-bit original (unsloth/X-unsloth-bnb-4bit -> unsloth/X), which it looks for in a folder of that name, then
+    asks the Hub; offline, that question fails the export although a download left the original in the cache."""
+    name = model.config._name_or_path
+    if not hub_offline() or Path(name).is_dir():
+        yield None
+        return
+    from huggingface_hub import snapshot_download
+    from unsloth.models.loader_utils import get_model_name
+
+    original = get_model_name(name, load_in_4bit=False) or name
+    try:
+        folder = snapshot_download(original, local_files_only=True)
+    except Exception:  # not cached: unsloth's own message names what is missing
+        yield None
+        return
+    model.config._name_or_path = folder
+    try:
+        yield folder
+    finally:
+        model.config._name_or_path = name
+
+
+def _merge(model, tokenizer, folder: Path, save_method: str, config) -> None:
+    """unsloth's save_pretrained_merged, the base's 16-bit original taken from the cache when the Hub is offline."""
+    with cached_sixteen_bit_base(model) if save_method == "merged_16bit" else contextlib.nullcontext():
+        model.save_pretrained_merged(str(folder), tokenizer, save_method=save_method,
+                                     maximum_memory_usage=merge_memory_share(config))
+
+
 def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[str, Any]:
     """Write one format into folder through unsloth's own save methods (and llama.cpp's converters for the
     GGUFs); returns the steps run in processes of their own, with their seconds and peak memory."""
     if export_format in ("merged_16bit", "gguf"):
         check_room(export_format, model, config, folder)
     if export_format not in GGUF_FORMATS:
-        model.save_pretrained_merged(str(folder), tokenizer, save_method=SAVE_METHODS[export_format],
-                                     maximum_memory_usage=merge_memory_share(config))
+        _merge(model, tokenizer, folder, SAVE_METHODS[export_format], config)
         if export_format != "lora":
             _check_merged(folder)
         return {}
@@ -142,8 +174,7 @@ def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[st
     if export_format == "gguf" and (merged := reusable_merge(config)) is not None:  # no second 16 GB merge
         return {"merged_from": merged.as_posix(), **write_gguf(merged, folder, config, tokenizer)}
     source = folder / ("merged" if export_format == "gguf" else "adapter")  # deleted once converted
-    model.save_pretrained_merged(str(source), tokenizer, save_method=SAVE_METHODS[export_format],
-                                 maximum_memory_usage=merge_memory_share(config))
+    _merge(model, tokenizer, source, SAVE_METHODS[export_format], config)
     if export_format == "gguf":
         _check_merged(source)
         steps = write_gguf(source, folder, config, tokenizer)

@@ -8,6 +8,7 @@ from typing import Any
 
 from helpers.config import CHECK_PROMPT
 from helpers.data import is_local_path
+from helpers.environment import hub_offline
 from helpers.prompts import format_generation_prompt
 from helpers.records import atomic_write_text, read_json
 
@@ -58,14 +59,12 @@ def base_model_license(model_name: str) -> str:
     if is_local_path(model_name):
         card = Path(model_name).expanduser() / "README.md"
     else:
-        import os
-
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         cached = try_to_load_from_cache(model_name, "README.md")
         if isinstance(cached, str):
             card = Path(cached)
-        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        elif not hub_offline():
             try:
                 card = Path(hf_hub_download(model_name, "README.md"))
             except Exception:  # no card, no network, a gated repo: the license stays unknown

@@ -3,12 +3,11 @@ trained adapter for inference."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from helpers.stack import FastLanguageModel
 from helpers.data import is_local_path
-from helpers.environment import cap_gpu_memory, torch_dtype
+from helpers.environment import cap_gpu_memory, hub_offline, torch_dtype
 from helpers.timing import recorded
 
 log = logging.getLogger(__name__)
@@ -21,7 +20,7 @@ def check_model_source(model_name: str) -> None:
             raise FileNotFoundError(f"model_name {model_name!r} is a local path that does not exist "
                                     "(for the offline tiny model, run 00_setup first)")
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(model_name, "config.json"), str):

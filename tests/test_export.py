@@ -378,3 +378,48 @@ def test_a_kill_between_the_final_renames_gives_the_old_folder_back(tmp_path):
         raise KeyboardInterrupt
     assert sorted(p.name for p in final.parent.iterdir()) == ["lora"]
     assert (final / "adapter_model.safetensors").read_text() == "old"
+
+
+def _cache_a_snapshot(cache: Path, repo_id: str, files: dict[str, str]) -> Path:
+    """A Hugging Face cache entry for repo_id, as a download leaves it (refs/main naming the snapshot)."""
+    entry = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = entry / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0" * 40)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+def test_offline_the_16bit_merge_takes_the_bases_original_from_the_cache(monkeypatch, tmp_path):
+    """Offline, unsloth asked the Hub whether unsloth/DeepSeek-R1-Distill-Llama-8B exists and failed merged_16bit,
+    with the original in the cache (the GPU session of 2026-12-07). Now unsloth resolves it to the cached folder."""
+    import types
+
+    import huggingface_hub.constants
+    from unsloth.models.loader_utils import get_model_name
+    from unsloth_zoo.saving_utils import determine_base_model_source
+
+    from helpers.export import cached_sixteen_bit_base
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    record = "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit"
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path=record))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with cached_sixteen_bit_base(model) as folder:  # the original is not in the cache: nothing changes
+        assert folder is None and model.config._name_or_path == record
+    original = _cache_a_snapshot(tmp_path, "unsloth/DeepSeek-R1-Distill-Llama-8B",
+                                 {"config.json": '{"model_type": "llama"}', "model.safetensors": ""})
+    with cached_sixteen_bit_base(model) as folder:
+        assert folder == str(original)
+        # what unsloth's merge then computes from the model (unsloth_zoo.saving_utils.merge_and_overwrite_lora)
+        name = get_model_name(model.config._name_or_path, load_in_4bit=False)
+        assert determine_base_model_source(name, None, "merged_16bit")[:3] == (str(original), True,
+                                                                               "local_unquantized")
+    assert model.config._name_or_path == record
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, unsloth asks the Hub itself, as on Colab
+    with cached_sixteen_bit_base(model) as folder:
+        assert folder is None and model.config._name_or_path == record
