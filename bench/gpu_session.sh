@@ -8,14 +8,17 @@
 #   B  the same whole run with micro_batching="recipe"; then `pytest -m gpu` (the equality test on varied lengths).
 #   C  gguf q4_k_m of the auto run under 12.7 GB (converted from its merged_16bit export); then bench/speed.py's four
 #      configurations interleaved, each run in its own process, as many rounds as the time left holds.
+#   M  the exports alone: merged_16bit, then gguf q4_k_m from it, each under 12.7 GB, llama.cpp built meanwhile.
+# The limited exports export phase A's whole run where it is there, else a 2-step run of the same model and LoRA on
+# the bundled sample (a merge's memory does not depend on how long the adapter trained): C and M need no A.
 # A later phase on the same warm machine reuses what an earlier one left (the stand-in, llama.cpp, the runs); on a
 # fresh machine it makes them again. Prepare here (see docs/performance.md, "Measuring on the GPU"):
 #   bash ../shared/gpu/make_site.sh && python -m helpers.llama_cpp pack --out .whl/llama.cpp-source.tar.xz
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
 #       quicktok-v1==0.4.0
-# Usage (on the GPU machine, carry .whl): bash bench/gpu_session.sh A|B|C
+# Usage (on the GPU machine, carry .whl): bash bench/gpu_session.sh A|B|C|M
 set -uo pipefail
-PHASE=${1:?usage: bash bench/gpu_session.sh A|B|C}
+PHASE=${1:?usage: bash bench/gpu_session.sh A|B|C|M}
 BUDGET=${BUDGET:-560}  # seconds this phase may run: the call's limit is 600
 START=$SECONDS
 WORK=outputs/gpu-session/$PHASE  # what the phase writes; packed into $OUT (the device's folder that comes back)
@@ -62,24 +65,34 @@ whole_run() {  # $1: auto or recipe
   say "whole run $1 done"
 }
 
-limited_export() {  # $1: seconds, $2: format, then -p overrides; 04_export on the auto run under $LIMIT
+export_run() {  # the run the limited exports export: phase A's whole run, else (a fresh machine) a 2-step one
+  # of the same model, LoRA and recipe: a merge's memory and time do not depend on how long the adapter trained
+  if [ -f outputs/whole-run-auto/adapter/adapter_model.safetensors ]; then echo outputs/whole-run-auto; return; fi
+  [ -f outputs/export-run/adapter/adapter_model.safetensors ] || timeout 200 python3 -m helpers.pipeline \
+    --profile colab_t4 --notebooks 01_train_lora -p run_dir outputs/export-run "${T4[@]}" -p max_steps 2 \
+    -p dataset helpers/data/sample_dpo.jsonl > "$WORK/export_run.txt" 2>&1
+  echo outputs/export-run
+}
+
+limited_export() {  # $1: seconds, $2: format, then -p overrides; 04_export of export_run's run under $LIMIT
   local seconds=$1 format=$2; shift 2
+  local run; run=$(export_run)
   say "$format under $LIMIT ($(df -h --output=avail . | tail -1) free on disk)"
   timeout "$seconds" python3 bench/memory_limit.py "$LIMIT" -- python3 -m helpers.pipeline --profile colab_t4 \
-    --notebooks 04_export -p run_dir outputs/whole-run-auto "${T4[@]}" -p formats "[$format]" "$@" \
+    --notebooks 04_export -p run_dir "$run" "${T4[@]}" -p formats "[$format]" "$@" \
     > "$WORK/limit_$format.txt" 2>&1
   tail -n 1 "$WORK/limit_$format.txt" | tee -a "$WORK/phase-$PHASE.log"
-  python3 - "$format" "$WORK/export_$format.json" <<'PY' | tee -a "$WORK/phase-$PHASE.log"
+  python3 - "$format" "$WORK/export_$format.json" "$run" <<'PY' | tee -a "$WORK/phase-$PHASE.log"
 import json, sys
-name, out = sys.argv[1:]
-manifest = json.load(open("outputs/whole-run-auto/export/manifest.json"))
+name, out, run = sys.argv[1:]
+manifest = json.load(open(f"{run}/export/manifest.json"))
 entry = manifest["formats"].get(name, {})
 json.dump(entry, open(out, "w"), indent=2)
 print(f"{name}: {entry.get('status')} {entry.get('total_bytes', 0) / 2**30:.2f} GiB in {entry.get('seconds')} s; "
       f"written {entry.get('memory_while_written')}; checked {entry.get('memory_while_checked')}; "
       f"{entry.get('reason') or ''}")
 PY
-  say "$format: disk now $(du -sh outputs/whole-run-auto/export | cut -f1) of exports"
+  say "$format of $run: disk now $(du -sh "$run/export" | cut -f1) of exports"
 }
 
 case $PHASE in
@@ -104,10 +117,9 @@ B)
   ;;
 C)
   standin
-  [ -f outputs/whole-run-auto/run.json ] || { say "no auto run here (a fresh machine): phase A first"; exit 1; }
   python3 -m helpers.llama_cpp build --jobs "$(nproc)" > "$WORK/llama_cpp_build.txt" 2>&1
   limited_export 240 gguf -p gguf_quantization q4_k_m
-  rm -rf outputs/whole-run-auto/export/gguf  # 5 GB; its figures are in the manifest
+  rm -rf "$(export_run)/export/gguf"  # 5 GB; its figures are in the manifest
   say "speed: rounds of tutorial, fast, packed-8k, hf-tutorial, each in its own process"
   SNAPSHOT=$(python3 -c "from huggingface_hub import snapshot_download as s; print(s('$MODEL'))")
   round=0
@@ -125,8 +137,16 @@ results = [r for path in sorted(glob.glob(f"{sys.argv[1]}/speed_round*.json")) f
 print(medians_table(results))
 PY
   ;;
+M)
+  python3 -m helpers.llama_cpp build --jobs 8 > "$WORK/llama_cpp_build.txt" 2>&1 &
+  BUILD=$!
+  standin
+  limited_export 300 merged_16bit
+  wait "$BUILD"
+  limited_export "$(left)" gguf -p gguf_quantization q4_k_m
+  ;;
 *)
-  echo "unknown phase $PHASE; choose one of: A, B, C"; exit 2
+  echo "unknown phase $PHASE; choose one of: A, B, C, M"; exit 2
   ;;
 esac
 say "phase $PHASE done"
