@@ -103,12 +103,12 @@ def bytes_needed(export_format: str, model, quantization: str) -> int:
     return int(sixteen_bit * (1 + (quantization in QUANTIZER_TYPES) + GGUF_BITS_PER_WEIGHT[quantization] / 16))
 
 
-def check_room(export_format: str, model, config, folder: Path) -> None:
+def check_room(export_format: str, model, config, folder: Path, merged: Path | None = None) -> None:
     """Refuse a merged export (merged_16bit, gguf) that would not fit the disk folder lies on, before anything
-    is written (gguf converting the run's merged_16bit export needs no merge of its own). Memory is not predicted:
-    the merge is attempted and watched (MemoryWatch)."""
+    is written (gguf converting `merged`, the run's merged_16bit export, needs no merge of its own). Memory is not
+    predicted: the merge is attempted and watched (MemoryWatch)."""
     need = bytes_needed(export_format, model, config.gguf_quantization)
-    if export_format == "gguf" and reusable_merge(config) is not None:
+    if export_format == "gguf" and merged is not None:
         need -= bytes_needed("merged_16bit", model, config.gguf_quantization)
     check_disk(need, folder, MEASURED_16BIT)
 
@@ -163,15 +163,16 @@ def _merge(model, tokenizer, folder: Path, save_method: str, config) -> None:
 def _save(export_format: str, model, tokenizer, config, folder: Path) -> dict[str, Any]:
     """Write one format into folder through unsloth's own save methods (and llama.cpp's converters for the
     GGUFs); returns the steps run in processes of their own, with their seconds and peak memory."""
+    merged = reusable_merge(config) if export_format == "gguf" else None  # hashes the adapter: once
     if export_format in ("merged_16bit", "gguf"):
-        check_room(export_format, model, config, folder)
+        check_room(export_format, model, config, folder, merged)
     if export_format not in GGUF_FORMATS:
         _merge(model, tokenizer, folder, SAVE_METHODS[export_format], config)
         if export_format != "lora":
             _check_merged(folder)
         return {}
     ensure_built()  # llama.cpp's tools before the merge (built once, minutes): no checkpoint made for nothing
-    if export_format == "gguf" and (merged := reusable_merge(config)) is not None:  # no second 16 GB merge
+    if merged is not None:  # no second 16 GB merge
         return {"merged_from": merged.as_posix(), **write_gguf(merged, folder, config, tokenizer)}
     source = folder / ("merged" if export_format == "gguf" else "adapter")  # deleted once converted
     _merge(model, tokenizer, source, SAVE_METHODS[export_format], config)
