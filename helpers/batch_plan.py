@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from helpers.config import RunConfig
+from helpers.config import RunConfig, points_at_once
 from helpers.data import is_local_path
 from helpers.paths import NOTEBOOKS, PLANS, PROJECT_ROOT
 from helpers.project import load_profile
@@ -107,11 +107,10 @@ def load_plan(plan: str | Path, out_root: str | Path | None = None) -> Plan:
 
 def check_workers(workers: Any) -> int | str:
     """How many points run at once: a positive number (digits in a string too), or 'auto' (one per GPU; one at a
-    time with one GPU or none)."""
-    if isinstance(workers, str) and workers.strip().isdigit():
-        workers = int(workers)
-    if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers > 0):
-        return workers
+    time with one GPU or none); a ValueError naming what is accepted otherwise."""
+    checked = points_at_once(workers)
+    if checked is not None:
+        return checked
     raise ValueError(f"workers {workers!r} is invalid; it must be a positive number of points run at once, or "
                      "'auto' (one point per GPU; one at a time with one GPU or none)")
 

@@ -171,8 +171,8 @@ class RunConfig:
             _require("reference", self.reference, bool(self.sft_run_dir.strip()),
                      "'base' when no sft_run_dir is given (the 'sft' reference is a frozen copy of that run's adapter)")
         _require("prompts", self.prompts, all(p.strip() for p in self.prompts), "a list of non-empty strings")
-        _require("batch_workers", self.batch_workers, self.batch_workers in ("", "auto")
-                 or str(self.batch_workers).strip().isdigit() and int(self.batch_workers) > 0,
+        _require("batch_workers", self.batch_workers,
+                 self.batch_workers == "" or points_at_once(self.batch_workers) is not None,
                  "'' (the plan's workers), 'auto' (one point per GPU) or a positive number of points run at once")
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,6 +316,15 @@ def _check_type(name: str, value: Any, expected: Any) -> Any:
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise ValueError(f"{name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def points_at_once(workers: Any) -> int | str | None:
+    """A batch's workers as a positive number (digits in a string too) or 'auto'; None when it is neither."""
+    if isinstance(workers, str) and workers.strip().isdigit():
+        workers = int(workers)
+    if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers > 0):
+        return workers
+    return None
 
 
 def _require(name: str, value: Any, ok: bool, accepted: str) -> None:
