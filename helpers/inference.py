@@ -11,6 +11,11 @@ from helpers.records import atomic_write_text
 from helpers.timing import recorded
 
 
+def sampling(temperature: float) -> dict:
+    """model.generate's sampling arguments: greedy at temperature 0, else sampled at that temperature."""
+    return {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+
+
 def generate(model, tokenizer, prompt, template: str, max_new_tokens: int, temperature: float,
              stream: bool = False, system_prompt: str = "") -> str:
     """The model's answer to one prompt (temperature 0 = greedy), without the prompt text; rendered exactly as
@@ -28,7 +33,6 @@ def generate_tokens(model, tokenizer, prompt, template: str, max_new_tokens: int
 
     text = format_generation_prompt(template, prompt, tokenizer, system_prompt)
     inputs = tokenizer([text], return_tensors="pt", add_special_tokens=True).to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         output = model.generate(
             **inputs,
@@ -36,7 +40,7 @@ def generate_tokens(model, tokenizer, prompt, template: str, max_new_tokens: int
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
-            **sampling,
+            **sampling(temperature),
         )
     width = inputs["input_ids"].shape[1]
     return inputs["input_ids"][0].tolist(), output[0, width:].tolist()
@@ -74,11 +78,10 @@ def generate_batch(model, tokenizer, prompts: list, template: str, max_new_token
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id if pad is not None else tokenizer.eos_token_id,
-                                **sampling)
+                                **sampling(temperature))
     width = inputs["input_ids"].shape[1]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
 
