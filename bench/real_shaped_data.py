@@ -24,10 +24,15 @@ import bisect
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "helpers" / "data" / "sample_dpo.jsonl"
+sys.path.insert(0, str(ROOT))
+
+from helpers.data import SAMPLE_DATASET, read_local_rows  # noqa: E402
+from helpers.records import atomic_write_text  # noqa: E402
+
 DEFAULT_OUT = ROOT / "outputs" / "_data" / "human_like_dpo_shaped.jsonl"
 REAL_ROWS = 10_884
 # Word counts at the 0th, 5th, ..., 100th percentile of the 7,162 rows read (see the module's docstring).
@@ -67,7 +72,7 @@ def text_of(words: int, pool: list[str], rng: random.Random) -> str:
 
 def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """n rows of the real data's schema and lengths (see the module's docstring), the same for the same seed."""
-    sample = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sample = read_local_rows(SAMPLE_DATASET)
     pools = {field: sentences(sample, field) for field in ("chosen", "rejected")}
     prompts = [row["prompt"] for row in sample]
     rng = random.Random(seed)
@@ -85,12 +90,8 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_rows(path: str | Path, n: int = REAL_ROWS, seed: int = 0) -> Path:
     """Write make_rows(n, seed) as JSON lines to path (through a temporary file); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in make_rows(n, seed)), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    rows = make_rows(n, seed)
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rows < 1:
         parser.error(f"--rows {args.rows} is invalid; it must be a positive integer")
     path = write_rows(args.out, args.rows, args.seed)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = read_local_rows(path)
     median = lambda field: sorted(len(r[field].split()) for r in rows)[len(rows) // 2]  # noqa: E731
     print(f"{len(rows):,} rows in {path} ({path.stat().st_size / 2**20:.1f} MiB); median words: prompt "
           f"{median('prompt')}, chosen {median('chosen')}, rejected {median('rejected')}")

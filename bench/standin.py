@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers.data import SAMPLE_DATASET, read_local_rows  # noqa: E402
 from helpers.local_models import CHAT_TEMPLATE  # noqa: E402  (R1-Distill's shape of chat template)
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tokenizer_only:
         tokenizer = llama3_tokenizer()
-        check_tokenizer(tokenizer, [row for line in (Path(__file__).parents[1] / "helpers/data/sample_dpo.jsonl")
-                                    .read_text(encoding="utf-8").splitlines() for row in json.loads(line).values()])
+        check_tokenizer(tokenizer, [text for row in read_local_rows(SAMPLE_DATASET) for text in row.values()])
         tokenizer.save_pretrained(args.out_dir)
         print(args.out_dir)
         return

@@ -74,8 +74,8 @@ def token_counts(run_dir: Path) -> dict[str, int]:
         return sum(min(len(ids), config.max_seq_length) for ids in tokenizer(texts)["input_ids"])
 
     evaluations = sum(r["eval_loss"] is not None for r in read_train_log(run_dir / "train_log.csv"))
-    scored = read_json(run_dir / "eval.json")["rows"]
-    models = 2 + len(read_json(run_dir / "eval.json")["compared"])  # base, compared runs, tuned
+    evaluation = read_json(run_dir / "eval.json")
+    scored, models = evaluation["rows"], 2 + len(evaluation["compared"])  # models: base, compared runs, tuned
     generated = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     longest = max(len(tokenizer(g["response"], add_special_tokens=False)["input_ids"]) for g in generated)
     return {"training steps": record["metrics"]["trained_tokens"],
