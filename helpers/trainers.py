@@ -60,10 +60,43 @@ def watchers(config) -> list:
     return [StopOnNonFiniteLoss(config), LiveLossPlot(is_interactive()), StepClock(), TrainingStages()]
 
 
+class TokenWeightedEvalLoss:
+    """A Trainer's `eval_loss` as the mean loss of all the label tokens evaluated, whatever the batches. transformers
+    alone averages each batch's own mean loss, weighted by rows, so the same model scored in batches of 2 rows (the
+    recipe's micro-batches) and of 8 (`micro_batching="auto"`) gave different eval losses (7.218 against 7.313 at
+    real scale, docs/real-scale.md). Each batch's mean is multiplied back by its label tokens (those the causal loss
+    averages over: every label but the first of a row, -100 aside), summed over batches and processes, and divided
+    by their number."""
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_token_loss = None  # (summed loss, label tokens) of the batches so far, every process's
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_token_loss is not None and self._eval_token_loss[1] > 0:
+            total, tokens = self._eval_token_loss.tolist()
+            output.metrics[f"{prefix}_loss"] = total / tokens
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        import torch
+
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        targets = inputs.get("shift_labels")
+        if targets is None and inputs.get("labels") is not None:
+            targets = inputs["labels"][..., 1:]
+        if loss is not None and targets is not None:
+            tokens = (targets != -100).sum().to(loss.device, torch.float64)
+            both = self.accelerator.gather(torch.stack([loss.detach().double() * tokens, tokens])[None]).sum(0)
+            self._eval_token_loss = both if self._eval_token_loss is None else self._eval_token_loss + both
+        return loss, logits, labels
+
+
 def build_trainer(model, tokenizer, train_set, config, precision: str, eval_set=None):
     """An SFTTrainer over the formatted rows (`prompt` and `completion` columns), watched by the live plot and
-    the loss guard; with an eval_set, the held-out loss is logged every eval_steps."""
+    the loss guard; with an eval_set, the held-out loss (token-weighted: TokenWeightedEvalLoss) is logged every
+    eval_steps."""
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
-                      args=sft_config(config, precision, with_eval=eval_set is not None), callbacks=watchers(config))
+    trainer_class = type("SFTTrainer", (TokenWeightedEvalLoss, SFTTrainer), {})
+    return trainer_class(model=model, processing_class=tokenizer, train_dataset=train_set, eval_dataset=eval_set,
+                         args=sft_config(config, precision, with_eval=eval_set is not None), callbacks=watchers(config))
