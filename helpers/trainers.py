@@ -68,8 +68,10 @@ class TokenWeightedEvalLoss:
     averages over: every label but the first of a row, -100 aside), summed over batches and processes, and divided
     by their number."""
 
+    _eval_token_loss = None  # (summed loss, label tokens) of the batches evaluated so far, every process's
+
     def evaluation_loop(self, *args, **kwargs):
-        self._eval_token_loss = None  # (summed loss, label tokens) of the batches so far, every process's
+        self._eval_token_loss = None
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self._eval_token_loss is not None and self._eval_token_loss[1] > 0:
